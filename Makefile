@@ -1,0 +1,42 @@
+# make run   set up, get the data, run the k-NN baseline and evaluate the shipped CNN
+# make test  set up, get the data, run the test suite
+# Both are idempotent: a second run only repeats the work that is not done yet.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SYSTEM_DATA := /usr/share/datasets/fashion-mnist
+
+.PHONY: run test setup data system-data clean
+
+run: setup data
+	$(PY) knn.py
+
+test: setup data
+	$(PY) -m pytest -q tests
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+data: setup system-data
+	$(PY) data.py
+
+# data.py never calls apt: when no copy is found and apt can be used (root, or sudo without a
+# password), install Debian/Ubuntu's package of the official files here instead.
+system-data:
+	@if [ ! -f data/train-images-idx3-ubyte.gz ] && [ ! -d $(SYSTEM_DATA) ] && [ -z "$$FASHION_MNIST_DIR" ] \
+	    && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  if [ "$$SUDO" != no ]; then \
+	    echo "No Fashion-MNIST copy found: installing dataset-fashion-mnist with apt-get"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  fi; \
+	fi
+
+clean:
+	rm -rf $(VENV) data __pycache__ tests/__pycache__ .pytest_cache

@@ -1,0 +1,105 @@
+"""Random Erasing data augmentation, vectorised over a whole batch.
+
+Random Erasing (Zhong, Zheng, Kang, Li and Yang, "Random Erasing Data
+Augmentation", arXiv:1708.04896) picks, with probability ``p``, one rectangle
+in an image and overwrites its pixels with random noise, so that a classifier
+learns not to rely on any single part of an object.
+
+For each image the rectangle is drawn as in the paper:
+
+* target area ``S_e`` uniform in ``[sl, sh]`` times the image area ``h * w``;
+* aspect ratio ``r`` uniform (not log-uniform) in ``[r1, 1 / r1]``;
+* height ``round(sqrt(S_e * r))``, width ``round(sqrt(S_e / r))``;
+* the draw is repeated (up to ``max_attempts`` times) until the rectangle
+  fits, which, as in the authors' code, means height < h and width < w
+  (strictly) and, in addition here, both at least 1; an image for which no
+  attempt fits is left unchanged;
+* its top-left corner is uniform over all positions that keep it inside.
+
+Every erased pixel, in every channel, gets an independent uniform value:
+integers 0..255 for uint8 images, [0, 1) for floating point images.
+
+Defaults are the paper's: p=0.5, sl=0.02, sh=0.4, r1=0.3.
+
+All draws are made as arrays for the whole batch (``max_attempts`` tries per
+image at once), so there is no Python loop over images; the amount of random
+numbers consumed depends only on the shapes, so a seed fixes the result.
+"""
+
+import numpy as np
+
+
+def erase_boxes(n, h, w, p=0.5, sl=0.02, sh=0.4, r1=0.3, rng=None,
+                max_attempts=10):
+    """Draw one erasing rectangle per image for n images of size h x w.
+
+    Returns ``(top, left, height, width, erased)``, each of shape (n,);
+    the first four are int64, ``erased`` is bool. Images that are not erased
+    (the coin said no, or no attempt fitted) have a 0 x 0 box at (0, 0).
+    """
+    rng = np.random.default_rng(rng)
+    shape = (n, max_attempts)
+
+    area = rng.uniform(sl, sh, shape) * (h * w)
+    ratio = rng.uniform(r1, 1.0 / r1, shape)
+    heights = np.rint(np.sqrt(area * ratio)).astype(np.int64)
+    widths = np.rint(np.sqrt(area / ratio)).astype(np.int64)
+
+    fits = (heights >= 1) & (heights < h) & (widths >= 1) & (widths < w)
+    # argmax gives the first True per row (or 0 when the row has none,
+    # which the `any` below then rules out).
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    erased = (rng.random(n) < p) & fits.any(axis=1)
+
+    height = np.where(erased, heights[rows, first], 0)
+    width = np.where(erased, widths[rows, first], 0)
+    # The upper bounds are exclusive, so top lies in 0..h - height.
+    top = np.where(erased, rng.integers(0, h - height + 1), 0)
+    left = np.where(erased, rng.integers(0, w - width + 1), 0)
+    return top, left, height, width, erased
+
+
+def _uniform_fill(rng, size, dtype):
+    """Uniform random values over the value range of dtype."""
+    if dtype == np.uint8:
+        return rng.integers(0, 256, size, dtype=np.uint8)
+    if np.issubdtype(dtype, np.floating):
+        draw_dtype = np.float64 if dtype == np.float64 else np.float32
+        values = rng.random(size, dtype=draw_dtype).astype(dtype)
+        # Casting down (e.g. to float16) may round values up to 1.0.
+        below_one = np.nextafter(dtype.type(1), dtype.type(0))
+        return np.minimum(values, below_one)
+    raise TypeError(f"random_erasing supports uint8 or float images, "
+                    f"not {dtype}")
+
+
+def random_erasing(images, p=0.5, sl=0.02, sh=0.4, r1=0.3, rng=None,
+                   max_attempts=10):
+    """Return a copy of images with Random Erasing applied to each image.
+
+    images: array of shape (n, h, w) or (n, h, w, c), uint8 or float.
+    rng: a numpy Generator, an int seed, or None for fresh entropy.
+    The result has the same shape and dtype; the input is not modified.
+    """
+    images = np.asarray(images)
+    if images.ndim not in (3, 4):
+        raise ValueError(f"expected (n, h, w) or (n, h, w, c), "
+                         f"got shape {images.shape}")
+    rng = np.random.default_rng(rng)
+    n, h, w = images.shape[:3]
+    top, left, height, width, _ = erase_boxes(
+        n, h, w, p, sl, sh, r1, rng, max_attempts)
+
+    # (n, h, 1) row test and (n, 1, w) column test broadcast to (n, h, w).
+    r = np.arange(h)[None, :, None]
+    c = np.arange(w)[None, None, :]
+    t, b = top[:, None, None], (top + height)[:, None, None]
+    lft, rgt = left[:, None, None], (left + width)[:, None, None]
+    mask = (r >= t) & (r < b) & (c >= lft) & (c < rgt)
+
+    out = images.copy()
+    # Boolean indexing with an (n, h, w) mask selects (k,) or (k, c) values.
+    out[mask] = _uniform_fill(rng, (int(mask.sum()),) + images.shape[3:],
+                              images.dtype)
+    return out

@@ -1,0 +1,147 @@
+"""Tests for erasing.py, written as examples of how Random Erasing behaves."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from erasing import erase_boxes, random_erasing
+
+
+def box_mask(top, left, height, width, h, w):
+    """(n, h, w) bool mask of the boxes, built independently of erasing.py."""
+    mask = np.zeros((len(top), h, w), dtype=bool)
+    for i, (t, l, bh, bw) in enumerate(zip(top, left, height, width)):
+        mask[i, t:t + bh, l:l + bw] = True
+    return mask
+
+
+def test_importing_does_not_pull_in_tensorflow():
+    # In a fresh interpreter, since other test files may import TensorFlow.
+    code = ("import sys, erasing; "
+            "assert 'tensorflow' not in sys.modules; "
+            "assert 'keras' not in sys.modules")
+    project_root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=project_root)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_fraction_of_erased_images_is_close_to_p(p):
+    n = 20_000
+    *_, erased = erase_boxes(n, 28, 28, p=p, rng=0)
+    standard_error = np.sqrt(p * (1 - p) / n)
+    assert abs(erased.mean() - p) < 4 * standard_error
+
+
+def test_p0_erases_nothing_and_p1_erases_almost_everything():
+    images = np.random.default_rng(1).integers(0, 256, (2000, 28, 28),
+                                               dtype=np.uint8)
+    assert np.array_equal(random_erasing(images, p=0.0, rng=2), images)
+
+    # With 10 attempts a default-sized box practically always fits a 28x28
+    # image; the rare image where none fits stays unchanged.
+    *_, erased = erase_boxes(20_000, 28, 28, p=1.0, rng=3)
+    assert erased.mean() >= 0.999
+
+
+@pytest.mark.parametrize("h, w", [(28, 28), (64, 48)])
+def test_boxes_have_the_requested_area_and_aspect_ratio(h, w):
+    sl, sh, r1 = 0.02, 0.4, 0.3
+    top, left, height, width, erased = erase_boxes(
+        20_000, h, w, p=1.0, sl=sl, sh=sh, r1=r1, rng=4)
+    top, left = top[erased], left[erased]
+    height, width = height[erased].astype(float), width[erased].astype(float)
+
+    # height and width are rounded from exact values a = sqrt(S*r) and
+    # b = sqrt(S/r), so a lies in [height - 0.5, height + 0.5] and b in
+    # [width - 0.5, width + 0.5]. Since S = a*b and r = a/b, the exact
+    # area and ratio are only known to lie in the intervals below; each
+    # must overlap the requested range.
+    min_area = (height - 0.5) * (width - 0.5)
+    max_area = (height + 0.5) * (width + 0.5)
+    assert np.all(max_area >= sl * h * w)
+    assert np.all(min_area <= sh * h * w)
+
+    min_ratio = (height - 0.5) / (width + 0.5)
+    max_ratio = (height + 0.5) / (width - 0.5)
+    assert np.all(max_ratio >= r1)
+    assert np.all(min_ratio <= 1 / r1)
+
+    # Inside the image, and strictly smaller than it, as in the paper's code.
+    assert np.all((height >= 1) & (height < h) & (width >= 1) & (width < w))
+    assert np.all((top >= 0) & (top + height <= h))
+    assert np.all((left >= 0) & (left + width <= w))
+
+
+def test_positions_cover_the_whole_allowed_range():
+    top, left, height, width, erased = erase_boxes(20_000, 28, 28, p=1.0,
+                                                   rng=5)
+    assert top.min() == 0 and (top + height).max() == 28
+    assert left.min() == 0 and (left + width).max() == 28
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    ((500, 28, 28), np.uint8),
+    ((500, 28, 28), np.float32),
+    ((500, 28, 28, 1), np.uint8),
+    ((500, 20, 24, 3), np.float32),
+])
+def test_only_pixels_inside_the_box_change(shape, dtype):
+    rng = np.random.default_rng(6)
+    if dtype == np.uint8:
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+    else:
+        images = rng.random(shape, dtype=np.float32)
+    n, h, w = shape[:3]
+
+    out = random_erasing(images, p=0.7, rng=7)
+
+    assert out.shape == images.shape and out.dtype == images.dtype
+    # random_erasing draws its boxes first from the same generator, so the
+    # same seed reproduces them.
+    top, left, height, width, erased = erase_boxes(n, h, w, p=0.7, rng=7)
+    inside = box_mask(top, left, height, width, h, w)
+    assert np.array_equal(out[~inside], images[~inside])
+    assert np.array_equal(inside.any(axis=(1, 2)), erased)
+    if dtype == np.float32:
+        assert np.all((out[inside] >= 0) & (out[inside] < 1))
+
+
+def test_same_seed_same_output_and_input_untouched():
+    images = np.random.default_rng(8).integers(0, 256, (300, 28, 28),
+                                               dtype=np.uint8)
+    original = images.copy()
+
+    a = random_erasing(images, rng=9)
+    b = random_erasing(images, rng=np.random.default_rng(9))
+    c = random_erasing(images, rng=10)
+
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert np.array_equal(images, original)
+    assert a is not images
+
+
+def test_filled_values_look_uniform():
+    n, h, w = 1000, 28, 28
+    zeros = np.zeros((n, h, w), dtype=np.uint8)
+    out = random_erasing(zeros, p=1.0, rng=11)
+    top, left, height, width, _ = erase_boxes(n, h, w, p=1.0, rng=11)
+    filled = out[box_mask(top, left, height, width, h, w)].astype(float)
+
+    # Uniform on 0..255: mean 127.5, standard deviation about 73.9.
+    standard_error = 73.9 / np.sqrt(filled.size)
+    assert abs(filled.mean() - 127.5) < 4 * standard_error
+    assert filled.min() == 0 and filled.max() == 255
+
+    floats = random_erasing(zeros.astype(np.float32), p=1.0, rng=11)
+    filled = floats[box_mask(top, left, height, width, h, w)]
+    assert abs(filled.mean() - 0.5) < 0.01
+    assert filled.min() >= 0 and filled.max() < 1
+
+
+def test_unsupported_dtype_is_rejected():
+    with pytest.raises(TypeError):
+        random_erasing(np.zeros((2, 8, 8), dtype=np.int32), p=1.0, rng=0)
