@@ -12,7 +12,7 @@ SYSTEM_DATA := /usr/share/datasets/fashion-mnist
 run: setup data
 	$(PY) knn.py
 
-test: setup data
+test: setup data $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
 setup: $(VENV)/.installed
@@ -21,6 +21,10 @@ $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $@
 
 data: setup system-data

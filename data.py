@@ -263,6 +263,27 @@ def split_data(x, y, val_fraction=0.15):
     return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
 
 
+def flip_and_erase(x, rng, flip_p=0.5, erase_p=0.5):
+    """A new batch: each image mirrored left-right with probability flip_p, then Random Erasing.
+
+    x: uint8 or float images (n, 28, 28) or (n, 28, 28, 1); the result has the same shape and dtype.
+    """
+    from erasing import random_erasing
+
+    flip = (rng.random(len(x)) < flip_p).reshape((-1,) + (1,) * (x.ndim - 1))
+    return random_erasing(np.where(flip, x[:, :, ::-1], x), p=erase_p, rng=rng)
+
+
+def augment(x, y, copies=2, rng=None):
+    """The seed's fixed augmentation: the originals, then `copies` flipped-and-erased copies of each.
+
+    51,000 images and copies=2 give 153,000. rng: a NumPy Generator or a seed.
+    """
+    rng = np.random.default_rng(rng)
+    x_all = [x] + [flip_and_erase(x, rng) for _ in range(copies)]
+    return np.concatenate(x_all), np.tile(y, copies + 1)
+
+
 def normalize(x):
     """uint8 pixels (any shape) -> float32 in [0, 1], as the seed: divided by 255."""
     return np.asarray(x, dtype=np.float32) / np.float32(255)

@@ -219,3 +219,22 @@ def test_importing_does_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import data"], cwd=Path(data.__file__).parent,
                          capture_output=True, text=True, check=True)
     assert out.stdout == "" and out.stderr == ""
+
+
+def test_augment_keeps_the_originals_first_then_adds_the_copies():
+    x, y = data.load_data("train")
+    x, y = x[:1000], y[:1000]
+    x_aug, y_aug = data.augment(x, y, copies=2, rng=7)
+    assert x_aug.shape == (3000, 28, 28) and x_aug.dtype == np.uint8
+    assert np.array_equal(x_aug[:1000], x) and np.array_equal(y_aug, np.tile(y, 3))
+    copy = x_aug[1000:2000]
+    mirrored = np.array([np.array_equal(c[:, ::-1], o) for c, o in zip(copy, x)])
+    unchanged = np.array([np.array_equal(c, o) for c, o in zip(copy, x)])
+    # Flip p=0.5 and erasing p=0.5 are independent: about a quarter of the copies are exact mirrors
+    # and about a quarter are untouched (a few symmetric images count as both).
+    assert 0.2 < mirrored.mean() < 0.32 and 0.2 < unchanged.mean() < 0.32
+    again, _ = data.augment(x, y, copies=2, rng=7)
+    assert np.array_equal(again, x_aug)
+    other, _ = data.augment(x, y, copies=2, rng=8)
+    assert not np.array_equal(other, x_aug)
+    assert data.augment(x, y, copies=0)[0].shape == (1000, 28, 28)

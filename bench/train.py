@@ -1,0 +1,74 @@
+"""Benchmark: training throughput (images per second) of the seed's CNN, settings side by side.
+
+    python bench/train.py                   # the default comparison, ~5 minutes on 2 CPU cores
+    python bench/train.py --steps 10        # quicker, noisier
+
+(a) is the baseline: plain model.fit on in-memory float32 arrays at batch 250.
+The others use train.py's own pipeline (fresh flips and erasing every epoch,
+a keras.utils.PyDataset) with the precision and batch size named. Every setting
+runs in this one process on this one machine; compare them only with each other.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import data  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+
+import keras  # noqa: E402
+
+SETTINGS = {  # name: (pipeline, batch size, mixed precision)
+    "a: fit on arrays, float32, batch 250": ("arrays", 250, False),
+    "b: train.py online, float32, batch 250": ("online", 250, False),
+    "c: train.py online, mixed bf16/fp16, batch 250": ("online", 250, True),
+    "d: train.py online, float32, batch 128": ("online", 128, False),
+    "e: train.py online, mixed bf16/fp16, batch 128": ("online", 128, True),
+}
+
+
+def measure(pipeline, batch_size, mixed, x, y, steps):
+    """Images per second over `steps` steps, after one untimed epoch of warm-up."""
+    keras.backend.clear_session()
+    train.set_precision(mixed, keras)
+    model = models.build_cnn()
+    n = steps * batch_size
+    if pipeline == "arrays":
+        images = data.normalize(x[:n])[..., None]
+        fit = lambda epochs: model.fit(images, y[:n], batch_size=batch_size, epochs=epochs, verbose=0)  # noqa: E731
+    else:
+        dataset = train.make_online_dataset(x[:n], y[:n], batch_size, 0, 0, keras)
+        fit = lambda epochs: model.fit(dataset, epochs=epochs, verbose=0)  # noqa: E731
+    fit(1)  # compile the step function, fill caches
+    start = time.perf_counter()
+    fit(2)
+    return 2 * n / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Training throughput of the seed's CNN.")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per epoch, 2 epochs (default: 24)")
+    parser.add_argument("--only", nargs="*", help="run only the settings whose names start with these letters")
+    args = parser.parse_args()
+    x, y = data.load_data("train")
+    print(f"Machine: {models.device_name()}; Keras {keras.__version__}, backend {keras.backend.backend()}")
+    results = {}
+    for name, (pipeline, batch_size, mixed) in SETTINGS.items():
+        if args.only and name[0] not in args.only:
+            continue
+        results[name] = measure(pipeline, batch_size, mixed, x, y, args.steps)
+        print(f"{name:50s} {results[name]:7.0f} images/s", flush=True)
+    baseline = next(iter(results.values()))
+    for name, speed in results.items():
+        print(f"{name:50s} {speed / baseline:5.2f}x (a)")
+
+
+if __name__ == "__main__":
+    main()

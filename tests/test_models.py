@@ -1,0 +1,103 @@
+"""models.py: the seed's architecture exactly, and safe saving and loading by name."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import models
+
+SEED_LAYERS = [
+    "BatchNormalization", "Conv2D", "BatchNormalization", "Conv2D", "MaxPooling2D", "Dropout",
+    "Conv2D", "MaxPooling2D", "Dropout", "Flatten", "Dense", "Dropout", "Dense", "Dropout",
+    "BatchNormalization", "Dense",
+]
+SEED_PARAMS = [4, 640, 256, 36928, 0, 0, 73856, 0, 0, 0, 3211776, 0, 131328, 0, 1024, 2570]
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.build_cnn()
+
+
+def test_layers_and_parameters_are_the_seeds(model):
+    assert [type(layer).__name__ for layer in model.layers] == SEED_LAYERS
+    assert [layer.count_params() for layer in model.layers] == SEED_PARAMS
+    assert model.count_params() == 3_458_382
+    non_trainable = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    assert non_trainable == 642
+    assert model.output_shape == (None, 10)
+    assert model.layers[-1].activation.__name__ == "softmax"
+
+
+def test_dropout_presets_are_named_and_applied():
+    rates = [layer.rate for layer in models.build_cnn("full_2", compile=False).layers
+             if isinstance(layer, keras.layers.Dropout)]
+    assert rates == list(models.DROPOUT_PRESETS["full_2"])
+    assert models.DROPOUT_PRESETS["full_1"] != models.DROPOUT_PRESETS["full_2"]
+    with pytest.raises(KeyError):
+        models.build_cnn("full_3")
+
+
+def test_optimizers_are_compiled_in(model):
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    sgd = models.build_cnn(optimizer="sgd", learning_rate=0.05)
+    assert isinstance(sgd.optimizer, keras.optimizers.SGD)
+    assert float(keras.ops.convert_to_numpy(sgd.optimizer.learning_rate)) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_save_load_predict_gives_identical_outputs(models_dir, model, suffix):
+    x = np.random.default_rng(0).random((8, 28, 28, 1), dtype=np.float32)
+    path = models.save_model(model, "mine", {"note": "a test"}, suffix=suffix)
+    assert path == models_dir / f"mine{suffix}"
+    assert json.loads((models_dir / "mine.json").read_text()) == {"note": "a test"}
+    assert models.available_models() == ["mine"]
+    loaded = models.load_model("mine")
+    assert np.array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    plain = keras.models.load_model(path)  # no custom objects needed
+    assert plain.count_params() == model.count_params()
+
+
+def test_an_interrupted_save_leaves_no_file(models_dir, model, monkeypatch):
+    def broken_save(self, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(keras.Model, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_model(model, "mine", {"x": 1})
+    assert list(models_dir.iterdir()) == []
+
+
+def test_a_missing_model_lists_the_ones_that_exist(models_dir, model):
+    models.save_model(model, "best")
+    with pytest.raises(models.ModelError, match=r"no model named 'nope'.*available: best"):
+        models.load_model("nope")
+
+
+def test_a_file_that_is_not_a_model_gets_a_clear_error(models_dir):
+    (models_dir / "junk.h5").write_bytes(b"not an HDF5 file")
+    with pytest.raises(models.ModelError, match="junk.h5 is not a readable Keras model"):
+        models.load_model("junk")
+
+
+def test_a_model_with_the_wrong_input_shape_is_refused(models_dir):
+    other = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    models.save_model(other, "cifar")
+    with pytest.raises(models.ModelError, match=r"takes \(32, 32, 3\)"):
+        models.load_model("cifar")
+
+
+def test_environment_names_the_hardware():
+    info = models.environment()
+    assert info["device"].startswith(("CPU: ", "GPU: "))
+    assert info["keras"] == keras.__version__
