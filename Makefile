@@ -11,6 +11,7 @@ SYSTEM_DATA := /usr/share/datasets/fashion-mnist
 
 run: setup data
 	$(PY) knn.py
+	$(PY) test.py best
 
 test: setup data $(VENV)/.test-installed
 	$(PY) -m pytest -q tests

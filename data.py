@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from erasing import random_erasing
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -252,6 +254,13 @@ def get_labels():
     return list(CLASS_NAMES)
 
 
+def per_class_accuracy(predictions, labels):
+    """One line: the accuracy on the images of each class, in label order."""
+    parts = [f"{name} {(predictions[labels == c] == c).mean():.3f}" for c, name in enumerate(CLASS_NAMES)
+             if (labels == c).any()]
+    return "Per-class accuracy: " + ", ".join(parts)
+
+
 def split_data(x, y, val_fraction=0.15):
     """((x_train, y_train), (x_val, y_val)): the first part trains, the last `val_fraction` validates.
 
@@ -268,8 +277,6 @@ def flip_and_erase(x, rng, flip_p=0.5, erase_p=0.5):
 
     x: uint8 or float images (n, 28, 28) or (n, 28, 28, 1); the result has the same shape and dtype.
     """
-    from erasing import random_erasing
-
     flip = (rng.random(len(x)) < flip_p).reshape((-1,) + (1,) * (x.ndim - 1))
     return random_erasing(np.where(flip, x[:, :, ::-1], x), p=erase_p, rng=rng)
 

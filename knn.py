@@ -258,6 +258,7 @@ def main():
     accuracy = float((predictions == y_test).mean())
     print(f"Settings: k={args.k} metric={args.metric} backend={backend} test_images={len(x_test)} "
           f"train_images={len(x_train)} cores={os.cpu_count()} cpu={data.cpu_name()!r}")
+    print(data.per_class_accuracy(predictions, y_test))
     print(f"Test accuracy: {accuracy:.4f}")
     print(f"Time: {seconds:.1f} s")
 

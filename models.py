@@ -134,17 +134,10 @@ def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
 
 def write_json(path, info):
     """Write a JSON file atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(info, f, indent=2, default=str)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    import data
+
+    text = json.dumps(info, indent=2, default=str) + "\n"
+    data.atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def read_info(name):
@@ -171,6 +164,32 @@ def load_model(name, compile=False):
         raise ModelError(f"{path} takes {model.input_shape[1:]} and gives {model.output_shape[1:]}; "
                          f"expected {INPUT_SHAPE} images and {NUM_CLASSES} class probabilities")
     return model
+
+
+def predict(model, images, tta=False, batch_size=1000):
+    """Class probabilities (n, 10), float64, for uint8 images (n, 28, 28).
+
+    tta: average with the probabilities of the mirror images (test-time augmentation).
+    """
+    import numpy as np
+
+    import data
+
+    x = data.normalize(images)[..., None]
+    probabilities = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    if tta:
+        mirrored = model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)
+        probabilities = (probabilities + np.asarray(mirrored, dtype=np.float64)) / 2
+    return probabilities
+
+
+def scores(probabilities, labels):
+    """(accuracy, cross-entropy loss) of class probabilities against integer labels."""
+    import numpy as np
+
+    accuracy = float((probabilities.argmax(axis=1) == labels).mean())
+    loss = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)).mean())
+    return accuracy, loss
 
 
 def device_name():

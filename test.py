@@ -20,22 +20,11 @@ SAMPLE = 12  # wrong predictions drawn
 SEED = 0  # which wrong predictions are drawn
 
 
-def predict(model, x, tta=False):
-    """Class probabilities (n, 10) as float64; with tta, averaged with those of the mirror images."""
-    import data
-
-    images = data.normalize(x)[..., None]
-    probabilities = np.asarray(model.predict(images, batch_size=1000, verbose=0), dtype=np.float64)
-    if tta:
-        mirrored = np.asarray(model.predict(images[:, :, ::-1], batch_size=1000, verbose=0), dtype=np.float64)
-        probabilities = (probabilities + mirrored) / 2
-    return probabilities
-
-
 def report(label, probabilities, y):
     """Print accuracy and loss in the project's format; returns the accuracy."""
-    accuracy = float((probabilities.argmax(axis=1) == y).mean())
-    loss = float(-np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0)).mean())
+    import models
+
+    accuracy, loss = models.scores(probabilities, y)
     print(f"{label}")
     print(f"Test accuracy: {accuracy:.4f}")
     print(f"Test loss: {loss:.4f}")
@@ -43,10 +32,10 @@ def report(label, probabilities, y):
 
 
 def save(fig, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    """Write the figure as a PNG, atomically."""
+    import data
+
+    data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def plot_confusion_matrix(y, predictions, class_names, path, title):
@@ -122,12 +111,12 @@ def main(argv=None):
 
     results = []
     for name, model in loaded:
-        probabilities = predict(model, x_test)
+        probabilities = models.predict(model, x_test)
         recorded = models.read_info(name).get("test_accuracy")
         report(f"Model: {name}" + (f" (its JSON records {recorded:.4f})" if recorded is not None else ""),
                probabilities, y_test)
         if args.tta:
-            report(f"Model: {name} with TTA (mean of image and mirror image)", predict(model, x_test, tta=True),
+            report(f"Model: {name} with TTA (mean of image and mirror image)", models.predict(model, x_test, tta=True),
                    y_test)
         results.append((name, probabilities))
     if len(results) > 1:
@@ -138,8 +127,7 @@ def main(argv=None):
     label, probabilities = results[-1]
     predictions = probabilities.argmax(axis=1)
     print(classification_report(y_test, predictions, target_names=class_names, digits=4))
-    per_class = [float((predictions[y_test == c] == c).mean()) for c in range(len(class_names))]
-    print("Per-class accuracy: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(class_names, per_class)))
+    print(data.per_class_accuracy(predictions, y_test))
     plot_confusion_matrix(y_test, predictions, class_names, args.plots_dir / "Confusion_matrix.png",
                           f"Confusion matrix: {label}")
     plot_incorrect(x_test, y_test, probabilities, class_names, args.plots_dir / "Incorrect_classifications.png",

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -170,8 +171,37 @@ def learning_rate(settings, steps_per_epoch, keras):
         warmup_steps=warmup, alpha=0.0)
 
 
-def make_callbacks(keras, models, run_info, best_path, resume_path, csv_path, first_epoch):
-    """Best-checkpoint (atomic), per-epoch resume state, CSV history."""
+class CtrlC:
+    """Ctrl-C during training: stop after the current step, never inside a checkpoint save.
+
+    Python's own KeyboardInterrupt fires wherever the interpreter happens to be, and one
+    that fires inside a finalizer run by the garbage collector is printed and dropped, so
+    training would go on. Here the handler only sets a flag; the callback raises
+    KeyboardInterrupt between steps. A second Ctrl-C raises at once.
+    """
+
+    def __init__(self):
+        self.pressed = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def handle(self, signum, frame):
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def check(self):
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+def make_callbacks(keras, models, run_info, best_path, resume_path, csv_path, first_epoch, ctrl_c):
+    """Best-checkpoint (atomic), per-epoch resume state, CSV history, Ctrl-C between steps."""
 
     class Checkpoints(keras.callbacks.Callback):
         def __init__(self):
@@ -190,9 +220,16 @@ def make_callbacks(keras, models, run_info, best_path, resume_path, csv_path, fi
                             + time.perf_counter() - self.epoch_start)
             models.save_model(self.model, resume_path, suffix=".keras")
             models.write_json(resume_path.with_suffix(".json"), run_info)
+            ctrl_c.check()
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch_start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            ctrl_c.check()
+
+        def on_test_batch_end(self, batch, logs=None):
+            ctrl_c.check()
 
     return [Checkpoints(), keras.callbacks.CSVLogger(str(csv_path), append=first_epoch > 0)]
 
@@ -200,6 +237,8 @@ def make_callbacks(keras, models, run_info, best_path, resume_path, csv_path, fi
 def plot_history(csv_path, png_path, show=False):
     """Accuracy and loss per epoch, training vs validation, from the CSV log."""
     import matplotlib
+
+    import data
 
     if not show:
         matplotlib.use("Agg")
@@ -218,24 +257,10 @@ def plot_history(csv_path, png_path, show=False):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, png_path)
+    data.atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     if show:
         plt.show()
     plt.close(fig)
-
-
-def evaluate(model, x, y, batch_size=1000):
-    """(accuracy, loss) of a model on uint8 images and integer labels."""
-    import data
-
-    probabilities = model.predict(data.normalize(x)[..., None], batch_size=batch_size, verbose=0)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    accuracy = float((probabilities.argmax(axis=1) == y).mean())
-    loss = float(-np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-7, 1.0)).mean())
-    return accuracy, loss
 
 
 def ask_name(default="latest"):
@@ -258,8 +283,9 @@ def main(argv=None):
 
     models_dir = models.MODELS_DIR
     resume_path = models_dir / RESUME
-    run_info = {"settings": settings, "recipe": args.recipe, "seed": args.seed, "limit": args.limit,
-                "epochs_done": 0, "train_seconds": 0.0}
+    command = " ".join(["python"] + sys.argv)
+    run_info = {"command": command, "settings": settings, "recipe": args.recipe, "seed": args.seed,
+                "limit": args.limit, "epochs_done": 0, "train_seconds": 0.0}
     if args.resume:
         info_path = resume_path.with_suffix(".json")
         if not resume_path.exists() or not info_path.exists():
@@ -268,6 +294,7 @@ def main(argv=None):
         settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
         if args.epochs is not None:  # a resumed run may be extended
             settings["epochs"] = args.epochs
+        run_info.setdefault("resumed_with", []).append(command)
         print(f"Resuming after epoch {run_info['epochs_done']} of {settings['epochs']}")
 
     keras.utils.set_random_seed(args.seed)
@@ -276,6 +303,7 @@ def main(argv=None):
 
         tf.config.experimental.enable_op_determinism()  # same seed, same CPU: same figures
     policy = set_precision(settings["mixed_precision"], keras)
+    run_info["dtype_policy"] = policy
     print(f"Training on {models.device_name()} (Keras {keras.__version__}, backend {keras.backend.backend()}, "
           f"{policy})")
 
@@ -314,12 +342,14 @@ def main(argv=None):
     best_path = models_dir / "latest_acc.h5"
     csv_path = models_dir / "latest.csv"
     models_dir.mkdir(exist_ok=True)
-    callbacks = make_callbacks(keras, models, run_info, best_path, resume_path, csv_path, first_epoch)
+    ctrl_c = CtrlC()
+    callbacks = make_callbacks(keras, models, run_info, best_path, resume_path, csv_path, first_epoch, ctrl_c)
 
     start = time.perf_counter()
     try:
-        model.fit(**fit_args, epochs=settings["epochs"], initial_epoch=first_epoch,
-                  validation_data=validation, callbacks=callbacks, verbose=2 if not sys.stdout.isatty() else 1)
+        with ctrl_c:
+            model.fit(**fit_args, epochs=settings["epochs"], initial_epoch=first_epoch,
+                      validation_data=validation, callbacks=callbacks, verbose=2 if not sys.stdout.isatty() else 1)
     except KeyboardInterrupt:
         print(f"\nInterrupted after epoch {run_info['epochs_done']}. The best model so far is {best_path} "
               f"(val_accuracy {run_info.get('best_val_accuracy', float('nan')):.4f}).\n"
@@ -331,8 +361,8 @@ def main(argv=None):
     # Final model and best checkpoint: test figures, then the JSON of each.
     environment = models.environment()
     name = args.name or "latest"
-    val_accuracy, val_loss = evaluate(model, x_val, y_val)
-    test_accuracy, test_loss = evaluate(model, x_test, y_test)
+    val_accuracy, val_loss = models.scores(models.predict(model, x_val), y_val)
+    test_accuracy, test_loss = models.scores(models.predict(model, x_test), y_test)
     final_info = {**run_info, **environment, "model": name, "epochs": settings["epochs"],
                   "val_accuracy": val_accuracy, "val_loss": val_loss,
                   "test_accuracy": test_accuracy, "test_loss": test_loss}
@@ -343,8 +373,8 @@ def main(argv=None):
     print(f"Test loss: {test_loss:.4f}")
     if best_path.exists():
         best = models.load_model(best_path)
-        best_val = evaluate(best, x_val, y_val)
-        best_test = evaluate(best, x_test, y_test)
+        best_val = models.scores(models.predict(best, x_val), y_val)
+        best_test = models.scores(models.predict(best, x_test), y_test)
         models.write_json(best_path.with_suffix(".json"), {
             **run_info, **environment, "model": best_path.stem, "epochs": run_info.get("best_epoch"),
             "val_accuracy": best_val[0], "val_loss": best_val[1],

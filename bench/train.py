@@ -4,9 +4,11 @@
     python bench/train.py --steps 10        # quicker, noisier
 
 (a) is the baseline: plain model.fit on in-memory float32 arrays at batch 250.
-The others use train.py's own pipeline (fresh flips and erasing every epoch,
-a keras.utils.PyDataset) with the precision and batch size named. Every setting
-runs in this one process on this one machine; compare them only with each other.
+(b) is train.py's pipeline as `--recipe fast` runs it: fresh flips and erasing
+every epoch (a keras.utils.PyDataset), batch 250, mixed precision where the
+hardware has it (bfloat16 on CPUs with AVX512_BF16 or AMX, float16 on GPUs).
+(c)-(e) vary one thing at a time. Every setting runs in this one process on
+this one machine; compare them only with each other.
 """
 
 import argparse
@@ -25,19 +27,19 @@ import train  # noqa: E402
 
 import keras  # noqa: E402
 
-SETTINGS = {  # name: (pipeline, batch size, mixed precision)
+SETTINGS = {  # name: (pipeline, batch size, mixed precision: True, False or "auto")
     "a: fit on arrays, float32, batch 250": ("arrays", 250, False),
-    "b: train.py online, float32, batch 250": ("online", 250, False),
-    "c: train.py online, mixed bf16/fp16, batch 250": ("online", 250, True),
+    "b: train.py --recipe fast: online, auto, batch 250": ("online", 250, "auto"),
+    "c: train.py online, float32, batch 250": ("online", 250, False),
     "d: train.py online, float32, batch 128": ("online", 128, False),
-    "e: train.py online, mixed bf16/fp16, batch 128": ("online", 128, True),
+    "e: train.py online, mixed, batch 128": ("online", 128, True),
 }
 
 
 def measure(pipeline, batch_size, mixed, x, y, steps):
     """Images per second over `steps` steps, after one untimed epoch of warm-up."""
     keras.backend.clear_session()
-    train.set_precision(mixed, keras)
+    policy = train.set_precision(mixed, keras)
     model = models.build_cnn()
     n = steps * batch_size
     if pipeline == "arrays":
@@ -49,25 +51,25 @@ def measure(pipeline, batch_size, mixed, x, y, steps):
     fit(1)  # compile the step function, fill caches
     start = time.perf_counter()
     fit(2)
-    return 2 * n / (time.perf_counter() - start)
+    return 2 * n / (time.perf_counter() - start), policy
 
 
 def main():
     parser = argparse.ArgumentParser(description="Training throughput of the seed's CNN.")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per epoch, 2 epochs (default: 24)")
-    parser.add_argument("--only", nargs="*", help="run only the settings whose names start with these letters")
+    parser.add_argument("--only", nargs="*", help="run only these settings (letters; a, the baseline, always runs)")
     args = parser.parse_args()
     x, y = data.load_data("train")
     print(f"Machine: {models.device_name()}; Keras {keras.__version__}, backend {keras.backend.backend()}")
     results = {}
     for name, (pipeline, batch_size, mixed) in SETTINGS.items():
-        if args.only and name[0] not in args.only:
+        if args.only and name[0] not in args.only + ["a"]:
             continue
-        results[name] = measure(pipeline, batch_size, mixed, x, y, args.steps)
-        print(f"{name:50s} {results[name]:7.0f} images/s", flush=True)
+        results[name], policy = measure(pipeline, batch_size, mixed, x, y, args.steps)
+        print(f"{name:52s} {results[name]:7.0f} images/s  ({policy})", flush=True)
     baseline = next(iter(results.values()))
     for name, speed in results.items():
-        print(f"{name:50s} {speed / baseline:5.2f}x (a)")
+        print(f"{name:52s} {speed / baseline:5.2f}x (a)")
 
 
 if __name__ == "__main__":
