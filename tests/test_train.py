@@ -142,3 +142,14 @@ def test_bad_options_are_refused_with_one_line(sandbox):
     assert out.returncode == 2 and "--epochs and --batch-size must be at least 1" in out.stderr
     out = run(sandbox, "train.py", "--limit", "5", check=False)
     assert out.returncode == 2 and "--limit must be at least 20" in out.stderr
+    out = run(sandbox, "train.py", "--minutes", "5", "--epochs", "3", check=False)
+    assert out.returncode == 2 and "--minutes must be above 0, and goes without --epochs" in out.stderr
+
+
+def test_minutes_times_this_machine_and_records_the_epochs_it_chose(sandbox):
+    out = run(sandbox, "train.py", "--recipe", "fast", "--minutes", "0.2", "--limit", "600", "--name", "timed")
+    info = json.loads((sandbox / "models" / "timed.json").read_text())
+    epochs = info["settings"]["epochs"]
+    assert f"{epochs} epochs fit in 0.2 minutes (the same run again: --epochs {epochs})" in out.stdout
+    assert epochs >= 1 and info["epochs_done"] == epochs
+    assert info["timed"]["train_images_per_s"] > 0 and info["timed"]["epoch_seconds_estimate"] > 0
