@@ -1,6 +1,6 @@
 """Train the CNN of models.py on Fashion-MNIST.
 
-    python train.py                       # the seed's recipe: 100 epochs, ~9-21 h on 2 CPU cores
+    python train.py                       # the seed's recipe: 100 epochs, ~6-21 h on 2 CPU cores
     python train.py --recipe fast         # the 60-minute CPU recipe (README: its figures)
     python train.py --epochs 1 --limit 2000 --name smoke     # a quick check
     python train.py --resume              # continue an interrupted run

@@ -1,6 +1,6 @@
 """Benchmark: training throughput (images per second) of the seed's CNN, settings side by side.
 
-    python bench/train.py                   # the default comparison, ~5 minutes on 2 CPU cores
+    python bench/train.py                   # the default comparison, ~3 minutes on 2 CPU cores
     python bench/train.py --steps 10        # quicker, noisier
 
 (a) is the baseline: plain model.fit on in-memory float32 arrays at batch 250.
@@ -56,7 +56,7 @@ def measure(pipeline, batch_size, mixed, x, y, steps):
 
 def main():
     parser = argparse.ArgumentParser(description="Training throughput of the seed's CNN.")
-    parser.add_argument("--steps", type=int, default=24, help="timed steps per epoch, 2 epochs (default: 24)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per epoch, 2 epochs (default: 60)")
     parser.add_argument("--only", nargs="*", help="run only these settings (letters; a, the baseline, always runs)")
     args = parser.parse_args()
     x, y = data.load_data("train")
