@@ -166,21 +166,14 @@ def load_model(name, compile=False):
     return model
 
 
-def predict(model, images, tta=False, batch_size=1000):
-    """Class probabilities (n, 10), float64, for uint8 images (n, 28, 28).
-
-    tta: average with the probabilities of the mirror images (test-time augmentation).
-    """
+def predict(model, images, batch_size=1000):
+    """Class probabilities (n, 10), float64, for uint8 images (n, 28, 28)."""
     import numpy as np
 
     import data
 
     x = data.normalize(images)[..., None]
-    probabilities = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
-    if tta:
-        mirrored = model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)
-        probabilities = (probabilities + np.asarray(mirrored, dtype=np.float64)) / 2
-    return probabilities
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
 def scores(probabilities, labels):

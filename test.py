@@ -115,9 +115,9 @@ def main(argv=None):
         recorded = models.read_info(name).get("test_accuracy")
         report(f"Model: {name}" + (f" (its JSON records {recorded:.4f})" if recorded is not None else ""),
                probabilities, y_test)
-        if args.tta:
-            report(f"Model: {name} with TTA (mean of image and mirror image)", models.predict(model, x_test, tta=True),
-                   y_test)
+        if args.tta:  # test-time augmentation: the mean of each image's and its mirror image's probabilities
+            mirrored = models.predict(model, x_test[:, :, ::-1])
+            report(f"Model: {name} with TTA (mean of image and mirror image)", (probabilities + mirrored) / 2, y_test)
         results.append((name, probabilities))
     if len(results) > 1:
         probabilities = np.mean([p for _, p in results], axis=0)
