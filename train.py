@@ -4,6 +4,7 @@
     python train.py --recipe fast         # the 60-minute CPU recipe (README: its figures)
     python train.py --epochs 1 --limit 2000 --name smoke     # a quick check
     python train.py --resume              # continue an interrupted run
+    python train.py --recipe fast --all-data --name best    # the shipped model: all 60,000 images
 
 The seed's recipe: the first 51,000 training images train and the last 9,000
 validate; every training image gets two copies, each mirrored and randomly
@@ -12,6 +13,10 @@ erased with probability 0.5 (153,000 images); pixels / 255; Adam, batch 250,
 final model in models/NAME.h5 (NAME asked at a terminal, else "latest"), each
 with a JSON of what produced it and its validation and test figures. The
 history goes to models/latest.csv and screenshots/Training_history.png.
+
+--all-data trains on all 60,000 training images instead, once a recipe has been
+chosen on the validation split: nothing validates, no best checkpoint is kept,
+and the model after the last epoch is the result.
 
 It runs under any Keras 3 backend (KERAS_BACKEND=tensorflow, the default, jax
 or torch), on a GPU when the backend sees one.
@@ -83,6 +88,9 @@ def parse_args(argv=None):
     parser.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction,
                         help="bfloat16 on CPUs, float16 on GPUs (default: off; fast recipe: where the "
                              "hardware has it)")
+    parser.add_argument("--all-data", action="store_true",
+                        help="train on all 60,000 images, keep none for validation (for the final model of a "
+                             "recipe chosen on validation; default: off)")
     parser.add_argument("--limit", type=int, help="use only the first N training images (default: all 60,000)")
     parser.add_argument("--seed", type=int, default=SEED, help=f"random seed (default: {SEED})")
     parser.add_argument("--name", help="save the final model as models/NAME.h5 (default: ask, else latest)")
@@ -255,7 +263,8 @@ def plot_history(csv_path, png_path, show=False):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, metric in zip(axes, ("accuracy", "loss")):
         ax.plot(epochs, rows[metric], label="training")
-        ax.plot(epochs, rows[f"val_{metric}"], label="validation")
+        if not np.isnan(rows[f"val_{metric}"]).all():  # NA throughout with --all-data
+            ax.plot(epochs, rows[f"val_{metric}"], label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"Model {metric}")
@@ -320,13 +329,14 @@ def main(argv=None):
     resume_path = models_dir / RESUME
     command = " ".join(["python"] + sys.argv)
     run_info = {"command": command, "settings": settings, "recipe": args.recipe, "seed": args.seed,
-                "limit": args.limit, "epochs_done": 0, "train_seconds": 0.0}
+                "limit": args.limit, "all_data": args.all_data, "epochs_done": 0, "train_seconds": 0.0}
     if args.resume:
         info_path = resume_path.with_suffix(".json")
         if not resume_path.exists() or not info_path.exists():
             sys.exit(f"error: nothing to resume: {resume_path} not found (it is written after each epoch)")
         run_info = json.loads(info_path.read_text())
         settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
+        args.all_data = run_info.get("all_data", False)
         if args.epochs is not None:  # a resumed run may be extended
             settings["epochs"] = args.epochs
         run_info.setdefault("resumed_with", []).append(command)
@@ -345,7 +355,7 @@ def main(argv=None):
         print("Note: without bfloat16 hardware the fast recipe's epochs take 2-7 times longer than the 60 minutes "
               "it was sized for; --minutes 60 fits the epochs to an hour on this machine")
 
-    # Data: first 85 % trains, last 15 % validates; pixels / 255.
+    # Data: first 85 % trains, last 15 % validates (--all-data: all train); pixels / 255.
     try:
         x, y = data.load_data("train")
         x_test, y_test = data.load_data("t10k")
@@ -353,7 +363,10 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.limit:
         x, y = x[:args.limit], y[:args.limit]
-    (x_train, y_train), (x_val, y_val) = data.split_data(x, y, VAL_FRACTION)
+    if args.all_data:
+        (x_train, y_train), (x_val, y_val) = (x, y), (x[:0], y[:0])
+    else:
+        (x_train, y_train), (x_val, y_val) = data.split_data(x, y, VAL_FRACTION)
     one_hot = settings["label_smoothing"] > 0  # the smoothed loss takes one-hot labels
     encode = (lambda labels: np.eye(models.NUM_CLASSES, dtype=np.float32)[labels]) if one_hot else (lambda v: v)
     first_epoch = run_info["epochs_done"]
@@ -367,7 +380,7 @@ def main(argv=None):
         n_train = len(x_aug)
         fit_args = dict(x=data.normalize(x_aug)[..., None], y=encode(y_aug),
                         batch_size=settings["batch_size"], shuffle=True)
-    validation = (data.normalize(x_val)[..., None], encode(y_val))
+    validation = (data.normalize(x_val)[..., None], encode(y_val)) if len(x_val) else None
     steps = math.ceil(n_train / settings["batch_size"])
     print(f"Images: {n_train} training ({settings['augment']}), {len(x_val)} validation, {len(x_test)} test")
 
@@ -393,9 +406,11 @@ def main(argv=None):
             model.fit(**fit_args, epochs=settings["epochs"], initial_epoch=first_epoch,
                       validation_data=validation, callbacks=callbacks, verbose=2 if not sys.stdout.isatty() else 1)
     except KeyboardInterrupt:
-        print(f"\nInterrupted after epoch {run_info['epochs_done']}. The best model so far is {best_path} "
-              f"(val_accuracy {run_info.get('best_val_accuracy', float('nan')):.4f}).\n"
-              f"Continue with: python train.py --resume")
+        print(f"\nInterrupted after epoch {run_info['epochs_done']}.")
+        if "best_epoch" in run_info:
+            print(f"The best model so far is {best_path} "
+                  f"(val_accuracy {run_info['best_val_accuracy']:.4f}).")
+        print("Continue with: python train.py --resume")
         sys.exit(130)
     wall = time.perf_counter() - start
     print(f"Training time: {wall:.0f} s this session, {run_info['train_seconds']:.0f} s in all")
@@ -403,17 +418,18 @@ def main(argv=None):
     # Final model and best checkpoint: test figures, then the JSON of each.
     environment = models.environment()
     name = args.name or "latest"
-    val_accuracy, val_loss = models.scores(models.predict(model, x_val), y_val)
+    val_accuracy, val_loss = models.scores(models.predict(model, x_val), y_val) if validation else (None, None)
     test_accuracy, test_loss = models.scores(models.predict(model, x_test), y_test)
     final_info = {**run_info, **environment, "model": name, "epochs": settings["epochs"],
                   "val_accuracy": val_accuracy, "val_loss": val_loss,
                   "test_accuracy": test_accuracy, "test_loss": test_loss}
     path = models.save_model(model, name, final_info, include_optimizer=False)
     shutil.copyfile(csv_path, path.with_suffix(".csv"))
-    print(f"Final model: {path}  Validation accuracy: {val_accuracy:.4f}")
+    print(f"Final model: {path}" + (f"  Validation accuracy: {val_accuracy:.4f}" if validation else
+                                    f"  (trained on all {len(x_train):,} training images: no validation)"))
     print(f"Test accuracy: {test_accuracy:.4f}")
     print(f"Test loss: {test_loss:.4f}")
-    if best_path.exists():
+    if "best_epoch" in run_info:  # this run's checkpoint, not one left by an earlier run
         best = models.load_model(best_path)
         best_val = models.scores(models.predict(best, x_val), y_val)
         best_test = models.scores(models.predict(best, x_test), y_test)

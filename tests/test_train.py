@@ -103,6 +103,24 @@ def test_the_same_seed_gives_the_same_figures(sandbox):
     assert figures[0] == figures[1]
 
 
+def test_all_data_trains_on_every_image_and_keeps_no_checkpoint(sandbox):
+    # A checkpoint left by an earlier run must not be evaluated as this run's.
+    run(sandbox, "train.py", "--epochs", "1", "--limit", "300", "--name", "earlier")
+    before = (sandbox / "models" / "latest_acc.json").read_text()
+    out = run(sandbox, "train.py", "--epochs", "1", "--limit", "300", "--all-data", "--recipe", "fast",
+              "--name", "everything")
+    assert "Images: 300 training (online), 0 validation, 10000 test" in out.stdout
+    assert "trained on all 300 training images: no validation" in out.stdout
+    assert "Best checkpoint" not in out.stdout
+    assert (sandbox / "models" / "latest_acc.json").read_text() == before
+    info = json.loads((sandbox / "models" / "everything.json").read_text())
+    assert info["all_data"] is True and info["val_accuracy"] is None and "best_epoch" not in info
+    assert f"Test accuracy: {info['test_accuracy']:.4f}" in out.stdout
+    history = np.genfromtxt(sandbox / "models" / "everything.csv", delimiter=",", names=True)
+    assert np.isnan(history["val_accuracy"]).all()  # Keras's CSVLogger writes NA
+    assert (sandbox / "screenshots" / "Training_history.png").stat().st_size > 10_000
+
+
 def test_resume_continues_the_epoch_count_and_the_history(sandbox):
     run(sandbox, "train.py", "--epochs", "1", "--limit", "400", "--name", "part", "--recipe", "fast")
     out = run(sandbox, "train.py", "--resume", "--epochs", "2", "--name", "whole")
