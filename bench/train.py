@@ -1,6 +1,6 @@
 """Benchmark: training throughput (images per second) of the seed's CNN, settings side by side.
 
-    python bench/train.py                   # the default comparison, ~3 minutes on 2 CPU cores
+    python bench/train.py                   # the default comparison, 3-4 minutes on 2 CPU cores
     python bench/train.py --steps 10        # quicker, noisier
 
 (a) is the baseline: plain model.fit on in-memory float32 arrays at batch 250.
