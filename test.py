@@ -238,7 +238,7 @@ def plot_incorrect(x, y, probabilities, class_names, path, title, sample=SAMPLE,
 
 def plot_reliability(y, panels, path, title, bins=ECE_BINS):
     """Accuracy against mean confidence in each bin of the top probability, one panel per
-    (label, probabilities); the image count of each bin is written above its bar."""
+    (label, probabilities); the image count of each bin is written at the foot of its bar."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5.5), squeeze=False)
@@ -251,16 +251,17 @@ def plot_reliability(y, panels, path, title, bins=ECE_BINS):
         ax.bar(edges[:-1][shown], (confidence - accuracy)[shown], bottom=accuracy[shown], width=1 / bins,
                align="edge", color="tab:red", alpha=0.35, edgecolor="tab:red", label="gap to mean confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
-        for left, count, top in zip(edges[:-1][shown], counts[shown], np.maximum(accuracy, confidence)[shown]):
-            ax.text(left + 0.5 / bins, min(top, 0.97) + 0.01, str(count), ha="center", fontsize=6, rotation=90)
+        for left, count in zip(edges[:-1][shown], counts[shown]):
+            ax.text(left + 0.5 / bins, 0.02, str(count), ha="center", va="bottom", fontsize=7, rotation=90,
+                    color="white")
         ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.08)
+        ax.set_ylim(0, 1)
         ax.set_xlabel("confidence (top probability)")
         ax.set_ylabel("accuracy")
         ax.set_title(f"{label}\nECE {expected_calibration_error(probabilities, y, bins):.4f}, "
                      f"NLL {nll(probabilities, y):.4f}", fontsize=9)
         ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"Reliability diagram: {title} ({bins} bins, images per bin above the bars)", fontsize=10)
+    fig.suptitle(f"Reliability diagram: {title} ({bins} bins, images per bin at the foot of the bars)", fontsize=10)
     fig.tight_layout()
     save(fig, path)
     return fig
