@@ -1,0 +1,226 @@
+"""Classify your own pictures of clothes with a trained model.
+
+    python predict.py photo.jpg                      # one line: class, probability, runners-up
+    python predict.py photos/ --top 5                # every image in a folder, sorted by name
+    python predict.py photos/ --json                 # a JSON list on stdout
+    python predict.py shoe.png --save-prepared seen  # also write the 28x28 input the model saw
+
+Each picture is prepared the way Zalando made Fashion-MNIST from its product
+photos (Xiao, Rasul, Vollgraf 2017, arXiv 1708.07747, section 2): trim the
+borders close to the corner colour, resize the longest edge to 28, sharpen
+with a Gaussian operator, extend the shorter edge to 28 with the image
+centred, negate, 8-bit grey. So a photo of a garment on a light background
+becomes a light garment on black, as in the data. A picture that is already
+light on a dark border is not negated; a 28x28 one of that kind (such as the
+files --save-prepared writes) is taken as it is.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+DEFAULT_MODEL = "best"
+DEFAULT_TOP = 3  # classes shown per picture: the prediction and its runners-up
+SIZE = 28  # pixels, both edges of a Fashion-MNIST image
+RESIZE_FILTER = Image.BOX  # area averaging: chosen on validation photos (bench/predict.py --grid)
+TRIM_TOLERANCE = 0.05  # a border pixel this close to the corner colour (fraction of 255) is trimmed
+SHARPEN_RADIUS = 1.0  # pixels: standard deviation of the Gaussian in the unsharp mask
+SHARPEN_PERCENT = 100  # strength of the unsharp mask (Pillow's default 150 loses accuracy: --grid)
+DARK = 128  # a border darker than this grey level means "already light on dark, like the data"
+
+
+def to_rgb(image):
+    """RGB version of any Pillow image; a transparent background becomes a plain one first.
+
+    The background colour is white, as in Zalando's photos, unless what is visible is itself
+    mostly light (a white garment cut out on a transparent background): then black.
+    """
+    image = ImageOps.exif_transpose(image)  # phone photos: upright as they are shown
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max() if values.max() > 255 else 255.0
+        image = Image.fromarray(np.uint8(np.clip(values / top * 255, 0, 255).round()))
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+    alpha = rgba[..., 3:] / 255
+    grey = rgba[..., :3] @ [0.299, 0.587, 0.114]
+    visible_brightness = (grey * alpha[..., 0]).sum() / max(alpha.sum(), 1e-9)
+    background = 0.0 if visible_brightness >= DARK else 255.0
+    rgb = rgba[..., :3] * alpha + background * (1 - alpha)
+    return Image.fromarray(np.uint8(rgb.round()))
+
+
+def corner_colour(rgb):
+    """The colour of the corners (per channel, the median of the four corner pixels), as floats."""
+    pixels = np.asarray(rgb, dtype=np.float64)
+    corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
+    return np.median(corners, axis=0)
+
+
+def trim(rgb, background):
+    """Crop the borders whose pixels are all within TRIM_TOLERANCE of the background colour."""
+    pixels = np.asarray(rgb, dtype=np.float64)
+    content = (np.abs(pixels - background) > TRIM_TOLERANCE * 255).any(axis=2)
+    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
+    if len(rows) == 0:  # nothing but background: keep the whole picture
+        return rgb
+    return rgb.crop((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1))
+
+
+def prepare(image):
+    """A Pillow image of any size and mode -> (uint8 (28, 28) light-on-dark, negated: bool)."""
+    rgb = to_rgb(image)
+    background = corner_colour(rgb)
+    background_grey = float(background @ [0.299, 0.587, 0.114])  # Pillow's own "L" weights
+    light_background = background_grey >= DARK
+    if rgb.size == (SIZE, SIZE) and not light_background:  # already prepared (--save-prepared writes these)
+        return np.asarray(rgb.convert("L")), False
+
+    rgb = trim(rgb, background)
+    # Longest edge to 28, aspect kept ("subsampling" in the paper: each pixel the mean of the area it covers).
+    width, height = rgb.size
+    scale = SIZE / max(width, height)
+    new_size = (max(1, min(SIZE, round(width * scale))), max(1, min(SIZE, round(height * scale))))
+    rgb = rgb.resize(new_size, RESIZE_FILTER)
+    rgb = rgb.filter(ImageFilter.UnsharpMask(radius=SHARPEN_RADIUS, percent=SHARPEN_PERCENT, threshold=0))
+    # Shorter edge extended to 28 with the background colour, the picture centred.
+    canvas = Image.new("RGB", (SIZE, SIZE), tuple(int(round(c)) for c in background))
+    canvas.paste(rgb, ((SIZE - new_size[0]) // 2, (SIZE - new_size[1]) // 2))
+    grey = np.asarray(canvas.convert("L"), dtype=np.float64)
+
+    # Negate against the background, so that it becomes 0 as in the data (a light-grey studio
+    # background would otherwise stay a dim grey); a dark background is only stretched.
+    if light_background:
+        out = (background_grey - grey) / max(background_grey, 1.0) * 255
+    else:
+        out = (grey - background_grey) / max(255 - background_grey, 1.0) * 255
+    return np.uint8(np.clip(out, 0, 255).round()), light_background
+
+
+def list_images(paths):
+    """The files to classify: each path given, a folder meaning its files (not hidden), sorted."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
+        else:
+            files.append(path)
+    return files
+
+
+def read_images(files, save_dir=None):
+    """(uint8 (n, 28, 28) inputs, the files they came from, the files that could not be read)."""
+    import data
+
+    images, read, failed = [], [], []
+    used_names = set()
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                prepared, _ = prepare(image)
+        except Exception as e:  # Pillow raises many types for a file that is not an image it can decode
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: {path}: cannot be read as an image ({reason[:200]})", file=sys.stderr)
+            failed.append(path)
+            continue
+        images.append(prepared)
+        read.append(path)
+        if save_dir is not None:
+            name = f"{path.stem}.png"
+            for i in range(2, len(files) + 2):  # two inputs with the same stem get two files
+                if name not in used_names:
+                    break
+                name = f"{path.stem}_{i}.png"
+            used_names.add(name)
+            image_out = Image.fromarray(prepared)
+            data.atomic_write(save_dir / name, lambda f: image_out.save(f, format="PNG"))
+    return np.array(images, dtype=np.uint8).reshape(-1, SIZE, SIZE), read, failed
+
+
+def calibrate(probabilities, temperature):
+    """softmax(log(p) / T): temperature scaling of probabilities (Guo et al. 2017)."""
+    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
+
+
+def model_name(name):
+    """Accept "best.h5" for "best": strip a model suffix unless the name is a path to a file."""
+    path = Path(name)
+    if path.suffix in (".h5", ".keras") and not path.exists():
+        return str(path.with_suffix(""))
+    return name
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Classify pictures of clothes with a trained model.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="image files (PNG, JPEG, BMP, GIF, WebP, TIFF) or folders of them")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"a model in models/ (default: {DEFAULT_MODEL})")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP,
+                        help=f"classes shown per picture, the most probable first (default: {DEFAULT_TOP})")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per picture")
+    parser.add_argument("--save-prepared", type=Path, metavar="DIR",
+                        help="also write each 28x28 model input as DIR/NAME.png (default: not written)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.top <= 10:
+        parser.error("--top must be between 1 and 10")
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        sys.exit(f"error: no such file or folder: {', '.join(missing)}")
+    if args.save_prepared is not None:
+        try:
+            args.save_prepared.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"error: cannot write to {args.save_prepared}: {e.strerror or e}")
+
+    import data
+    import models
+
+    name = model_name(args.model)
+    try:
+        model = models.load_model(name)
+    except models.ModelError as e:
+        sys.exit(f"error: {e}")
+    temperature = models.read_info(name).get("temperature")
+    class_names = data.get_labels()
+
+    files = list_images(args.paths)
+    images, read, failed = read_images(files, args.save_prepared)
+    probabilities = models.predict(model, images) if len(images) else np.zeros((0, len(class_names)))
+    results = []
+    for path, p in zip(read, probabilities):
+        order = np.argsort(-p, kind="stable")[:args.top]
+        result = {"path": str(path), "class": class_names[order[0]], "probability": round(float(p[order[0]]), 4),
+                  "top": [[class_names[c], round(float(p[c]), 4)] for c in order]}
+        if temperature:
+            q = calibrate(p[None], temperature)[0]
+            result["calibrated_probability"] = round(float(q[order[0]]), 4)
+            result["calibrated_top"] = [[class_names[c], round(float(q[c]), 4)] for c in order]
+        results.append(result)
+
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for result in results:
+            line = f"{result['path']}: {result['class']} {result['probability']:.4f}"
+            if temperature:
+                line += f" (calibrated {result['calibrated_probability']:.4f})"
+            runners_up = ", ".join(f"{c} {p:.4f}" for c, p in result["top"][1:])
+            print(line + (f"; then {runners_up}" if runners_up else ""))
+    if not files:
+        print("error: no files to classify in " + ", ".join(map(str, args.paths)), file=sys.stderr)
+    if failed or not files:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
