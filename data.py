@@ -1,4 +1,4 @@
-"""Fashion-MNIST data layer: obtain, verify, load, split, augment, normalise.
+"""Fashion-MNIST data layer: obtain, verify, load, split, normalise.
 
 Every script gets its data from here. `python data.py` fetches both splits.
 
@@ -16,7 +16,6 @@ import argparse
 import gzip
 import hashlib
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from erasing import random_erasing
-
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 CONNECT_TIMEOUT = 5  # seconds to open a connection
 READ_TIMEOUT = 30  # seconds of silence before a download is abandoned
+DOWNLOAD_DEADLINE = 600  # seconds for one file in all, however slowly it trickles in
 RETRIES = 2  # extra attempts after a failed connection, with back-off
 REMEDY = (
     "install it with `sudo apt-get install dataset-fashion-mnist`, put the four "
@@ -65,51 +63,78 @@ def file_names(kind):
     return f"{kind}-images-idx3-ubyte", f"{kind}-labels-idx1-ubyte"
 
 
+def expected_size(name):
+    """Bytes of the decompressed official file `name` (IDX header + items)."""
+    magic, count, _ = FILES[name]
+    return (16 + count * 784) if magic == 2051 else (8 + count)
+
+
 def check_content(name, content):
     """Raise DataError unless `content` (decompressed bytes) is the official file `name`."""
     magic, count, sha256 = FILES[name]
     header_size = 16 if magic == 2051 else 8
-    expected_size = header_size + count * (784 if magic == 2051 else 1)
     if len(content) < header_size:
         raise DataError(f"{len(content)} bytes is too short for an IDX header")
     header = np.frombuffer(content[:header_size], dtype=">u4")
     if header[0] != magic or header[1] != count or (magic == 2051 and tuple(header[2:]) != (28, 28)):
         raise DataError(f"bad IDX header {header.tolist()}, expected magic {magic}, count {count}"
                         + (", 28x28" if magic == 2051 else ""))
-    if len(content) != expected_size:
-        raise DataError(f"{len(content)} bytes decompressed, expected {expected_size}")
+    if len(content) != expected_size(name):
+        raise DataError(f"{len(content)} bytes decompressed, expected {expected_size(name)}")
     if hashlib.sha256(content).hexdigest() != sha256:
         raise DataError("SHA-256 of the content differs from the official file")
 
 
 def read_verified(name, path):
-    """Decompress `path` (.gz, or a plain IDX file) and verify it; returns the content."""
+    """Decompress `path` (.gz, or a plain IDX file) and verify it; returns the content.
+
+    Reads at most one byte more than the official file's size, so a gzip bomb (a small file that
+    unpacks to gigabytes) is refused after a few megabytes, never held in memory.
+    """
+    limit = expected_size(name)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        content = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            content = f.read(limit + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read or decompress: {e}") from None
+    if len(content) > limit:
+        raise DataError(f"decompresses to more than the {limit:,} bytes of the official file")
     check_content(name, content)
     return content
 
 
-def atomic_write(path, write):
-    """Call write(file) on a temporary file beside `path`, then rename it into place."""
+def atomic_write(path, write, mode="wb"):
+    """Call write(file) on a temporary file beside `path`, then rename it into place.
+
+    The temporary file starts with "." and ends in ".part" (.gitignore covers both); an
+    interrupted write removes it, so `path` is either the old file or the complete new one.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, mode) as f:
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file is an ordinary one
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def download(url, dest):
-    """Stream `url` into the file `dest` (created atomically), with a progress line on a terminal."""
+def write_text(path, text):
+    """Write a text file atomically."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def download(url, dest, limit):
+    """Stream `url` into the file `dest` (atomically), with a progress line on a terminal.
+
+    Gives up after DOWNLOAD_DEADLINE seconds in all (a server that trickles a byte now and then
+    never holds a run forever) or past `limit` bytes.
+    """
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
@@ -118,15 +143,20 @@ def download(url, dest):
     retry = Retry(total=RETRIES, backoff_factor=0.5, status_forcelist=(500, 502, 503, 504))
     session.mount("http://", HTTPAdapter(max_retries=retry))
     session.mount("https://", HTTPAdapter(max_retries=retry))
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE
 
     def write(f):
         with session.get(url, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
             response.raise_for_status()
-            total = int(response.headers.get("content-length", 0))
+            total = int(response.headers.get("content-length") or 0)
             done = 0
             for chunk in response.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 done += len(chunk)
+                if done > limit:
+                    raise DataError(f"download refused: more than {limit:,} bytes")
+                if time.monotonic() > deadline:
+                    raise DataError(f"download timed out: not done after {DOWNLOAD_DEADLINE} s")
                 if sys.stderr.isatty() and total:
                     print(f"\r  {dest.name}: {done / 1e6:.1f} / {total / 1e6:.1f} MB", end="", file=sys.stderr)
             if sys.stderr.isatty() and total:
@@ -136,6 +166,19 @@ def download(url, dest):
 
     try:
         atomic_write(dest, write)
+    except requests.HTTPError as e:
+        raise DataError(f"download failed: HTTP {e.response.status_code} {e.response.reason}") from None
+    except (requests.Timeout, requests.exceptions.ReadTimeout) as e:
+        seconds = READ_TIMEOUT if isinstance(e, requests.ReadTimeout) else CONNECT_TIMEOUT
+        raise DataError(f"download failed: timed out after {seconds} s without data") from None
+    except requests.ConnectionError as e:
+        text = str(e)
+        reason = ("connection refused" if "refused" in text.lower() else
+                  "host not found (no internet access?)" if "resolve" in text.lower() or "name or service" in
+                  text.lower() else "connection failed")
+        if "Read timed out" in text:
+            reason = f"timed out after {READ_TIMEOUT} s without data"
+        raise DataError(f"download failed: {reason}") from None
     except requests.RequestException as e:
         raise DataError(f"download failed: {type(e).__name__}") from None
 
@@ -146,6 +189,8 @@ def obtain(name, data_dir=None):
     Prints one line saying where the file came from.
     """
     data_dir = Path(data_dir or DATA_DIR)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir} is a file, not a folder: move it away, the data goes there")
     target = data_dir / f"{name}.gz"
     tried = []
     if target.exists():
@@ -169,6 +214,9 @@ def obtain(name, data_dir=None):
         tried.append("$FASHION_MNIST_DIR: not set")
     dirs.append((str(SYSTEM_DIR), SYSTEM_DIR))
     for label, folder in dirs:
+        if folder.exists() and not folder.is_dir():
+            tried.append(f"{label}: {folder} is not a folder")
+            continue
         candidates = [p for p in (folder / f"{name}.gz", folder / name) if p.is_file()]
         if not candidates:
             tried.append(f"{label}: missing")
@@ -187,8 +235,11 @@ def obtain(name, data_dir=None):
 
     url = os.environ.get("FASHION_MNIST_URL", URL).rstrip("/") + f"/{name}.gz"
     partial = data_dir / f".{name}.gz.download"
+    for stale in data_dir.glob(f".{name}.gz.download*"):  # left by a download that was killed
+        stale.unlink(missing_ok=True)
     try:
-        download(url, partial)
+        # gzip never makes these files larger: the compressed size is below the decompressed one.
+        download(url, partial, limit=expected_size(name))
         content = read_verified(name, partial)
     except DataError as e:
         tried.append(f"{url}: {e}")
@@ -203,33 +254,54 @@ def _cache_paths(data_dir, name):
     return data_dir / f"{name}.npy", data_dir / f"{name}.npy.stamp"
 
 
-def _stamp(path):
-    stat = path.stat()
-    return f"{stat.st_size} {stat.st_mtime_ns}"
+def _stamp(gz, array):
+    """What the cache must match: the .gz it came from (size, mtime) and the array's own SHA-256."""
+    stat = gz.stat()
+    return f"{stat.st_size} {stat.st_mtime_ns} {hashlib.sha256(array.tobytes()).hexdigest()}"
+
+
+def _read_cache(gz, cache, stamp, shape):
+    """The cached array if it is intact and still matches its .gz, else None (it is then rebuilt).
+
+    Anything wrong with the cache (missing, empty, a garbage header, flipped bytes, a stamp that
+    is not text) only means the array is decoded again from the verified .gz.
+    """
+    try:
+        expected = stamp.read_text(encoding="ascii")
+        array = np.load(cache, allow_pickle=False)
+        if array.shape != shape or array.dtype != np.uint8:
+            return None
+        return array if _stamp(gz, array) == expected else None
+    except (OSError, ValueError, EOFError, UnicodeDecodeError):
+        return None
 
 
 def load_file(name, data_dir=None):
     """The array in one official file, decoded once and then cached as .npy beside it.
 
-    The cache is used only while the .gz it came from is unchanged (size and mtime).
+    The cache is used only while the .gz it came from is unchanged (size and mtime) and its own
+    content has the SHA-256 recorded when it was written.
     """
     data_dir = Path(data_dir or DATA_DIR)
     gz = data_dir / f"{name}.gz"
     cache, stamp = _cache_paths(data_dir, name)
     magic, count, _ = FILES[name]
     shape = (count, 28, 28) if magic == 2051 else (count,)
-    if gz.exists() and cache.exists() and stamp.exists() and stamp.read_text() == _stamp(gz):
-        try:
-            array = np.load(cache)
-            if array.shape == shape and array.dtype == np.uint8:
-                print(f"{gz.name}: cached in {data_dir} (verified when it arrived)")
-                return array
-        except (OSError, ValueError):
-            pass  # an unreadable cache is rebuilt below
-    content = obtain(name, data_dir)
+    array = _read_cache(gz, cache, stamp, shape) if gz.is_file() else None
+    if array is not None:
+        print(f"{gz.name}: cached in {data_dir} (verified)")
+        return array
+    try:
+        content = obtain(name, data_dir)
+    except OSError as e:  # a full disk, or no permission to write data/
+        where = e.filename or data_dir
+        raise DataError(f"cannot write {where}: {e.strerror or e}; free some space or make it writable") from None
     array = np.frombuffer(content, dtype=np.uint8, offset=16 if magic == 2051 else 8).reshape(shape)
-    atomic_write(cache, lambda f: np.save(f, array))
-    atomic_write(stamp, lambda f: f.write(_stamp(gz).encode()))
+    try:
+        atomic_write(cache, lambda f: np.save(f, array))
+        write_text(stamp, _stamp(gz, array))
+    except OSError as e:  # the data is good; only the cache could not be kept
+        print(f"warning: cannot cache {cache.name} ({e.strerror}); decoding it again next time", file=sys.stderr)
     return array
 
 
@@ -272,40 +344,9 @@ def split_data(x, y, val_fraction=0.15):
     return (x[:-n_val], y[:-n_val]), (x[-n_val:], y[-n_val:])
 
 
-def flip_and_erase(x, rng, flip_p=0.5, erase_p=0.5):
-    """A new batch: each image mirrored left-right with probability flip_p, then Random Erasing.
-
-    x: uint8 or float images (n, 28, 28) or (n, 28, 28, 1); the result has the same shape and dtype.
-    """
-    flip = (rng.random(len(x)) < flip_p).reshape((-1,) + (1,) * (x.ndim - 1))
-    return random_erasing(np.where(flip, x[:, :, ::-1], x), p=erase_p, rng=rng)
-
-
-def augment(x, y, copies=2, rng=None):
-    """The seed's fixed augmentation: the originals, then `copies` flipped-and-erased copies of each.
-
-    51,000 images and copies=2 give 153,000. rng: a NumPy Generator or a seed.
-    """
-    rng = np.random.default_rng(rng)
-    x_all = [x] + [flip_and_erase(x, rng) for _ in range(copies)]
-    return np.concatenate(x_all), np.tile(y, copies + 1)
-
-
 def normalize(x):
     """uint8 pixels (any shape) -> float32 in [0, 1], as the seed: divided by 255."""
     return np.asarray(x, dtype=np.float32) / np.float32(255)
-
-
-def cpu_name():
-    """The processor's model name (e.g. "AMD EPYC"), to state beside every timing."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():

@@ -1,4 +1,5 @@
-"""Random Erasing data augmentation, vectorised over a whole batch.
+"""Data augmentation, vectorised over a whole batch: Random Erasing, and the flips and copies of
+the training recipes.
 
 Random Erasing (Zhong, Zheng, Kang, Li and Yang, "Random Erasing Data
 Augmentation", arXiv:1708.04896) picks, with probability ``p``, one rectangle
@@ -16,8 +17,18 @@ For each image the rectangle is drawn as in the paper:
   attempt fits is left unchanged;
 * its top-left corner is uniform over all positions that keep it inside.
 
-Every erased pixel, in every channel, gets an independent uniform value:
-integers 0..255 for uint8 images, [0, 1) for floating point images.
+The erased box is filled with uniform random values over the dtype's range
+(integers 0..255 for uint8 images, [0, 1) for floating point images):
+
+* ``fill="pixel"``: every erased pixel, in every channel, gets its own value
+  (the paper's "random values");
+* ``fill="box"``: one value for the whole box, as the eraser the original
+  write-up ran (yu4u's, with its defaults) did.
+
+The original write-up's eraser also redrew size *and* position until the box
+fitted, with no limit; here the size is redrawn (at most ``max_attempts``
+times) and the position is then uniform over the places that fit, which is
+the paper's procedure.
 
 Defaults are the paper's: p=0.5, sl=0.02, sh=0.4, r1=0.3.
 
@@ -27,6 +38,8 @@ numbers consumed depends only on the shapes, so a seed fixes the result.
 """
 
 import numpy as np
+
+FILLS = ("pixel", "box")
 
 
 def erase_boxes(n, h, w, p=0.5, sl=0.02, sh=0.4, r1=0.3, rng=None,
@@ -75,14 +88,17 @@ def _uniform_fill(rng, size, dtype):
 
 
 def random_erasing(images, p=0.5, sl=0.02, sh=0.4, r1=0.3, rng=None,
-                   max_attempts=10):
+                   max_attempts=10, fill="pixel"):
     """Return a copy of images with Random Erasing applied to each image.
 
     images: array of shape (n, h, w) or (n, h, w, c), uint8 or float.
     rng: a numpy Generator, an int seed, or None for fresh entropy.
+    fill: "pixel" (a value per erased pixel) or "box" (one value per box).
     The result has the same shape and dtype; the input is not modified.
     """
     images = np.asarray(images)
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, not {fill!r}")
     if images.ndim not in (3, 4):
         raise ValueError(f"expected (n, h, w) or (n, h, w, c), "
                          f"got shape {images.shape}")
@@ -99,7 +115,35 @@ def random_erasing(images, p=0.5, sl=0.02, sh=0.4, r1=0.3, rng=None,
     mask = (r >= t) & (r < b) & (c >= lft) & (c < rgt)
 
     out = images.copy()
-    # Boolean indexing with an (n, h, w) mask selects (k,) or (k, c) values.
-    out[mask] = _uniform_fill(rng, (int(mask.sum()),) + images.shape[3:],
-                              images.dtype)
+    if fill == "pixel":
+        # Boolean indexing with an (n, h, w) mask selects (k,) or (k, c) values.
+        values = _uniform_fill(rng, (int(mask.sum()),) + images.shape[3:],
+                               images.dtype)
+    else:
+        # One grey level per image (drawn for all, used where erased), spread
+        # over its box's pixels and channels.
+        per_image = _uniform_fill(rng, n, images.dtype)
+        values = np.broadcast_to(
+            per_image[:, None, None].reshape((n, 1, 1) + (1,) * (images.ndim - 3)),
+            images.shape)[mask]
+    out[mask] = values
     return out
+
+
+def flip_and_erase(x, rng, flip_p=0.5, erase_p=0.5, fill="pixel"):
+    """A new batch: each image mirrored left-right with probability flip_p, then Random Erasing.
+
+    x: uint8 or float images (n, h, w) or (n, h, w, c); the result has the same shape and dtype.
+    The flip comes first, as in the original write-up's pipeline.
+    """
+    flip = (rng.random(len(x)) < flip_p).reshape((-1,) + (1,) * (x.ndim - 1))
+    return random_erasing(np.where(flip, x[:, :, ::-1], x), p=erase_p, rng=rng, fill=fill)
+
+
+def augment(x, y, copies=2, rng=None, fill="pixel"):
+    """The original write-up's fixed augmentation: the originals, then `copies` flipped-and-erased
+    copies of each (51,000 images and copies=2 give 153,000). rng: a NumPy Generator or a seed.
+    """
+    rng = np.random.default_rng(rng)
+    x_all = [x] + [flip_and_erase(x, rng, fill=fill) for _ in range(copies)]
+    return np.concatenate(x_all), np.concatenate([y] * (copies + 1))

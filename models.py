@@ -9,32 +9,40 @@ opens with no custom objects under any backend; `.keras` files load too.
 """
 
 import json
+import math
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import keras
+import machine
+
+machine.start_backend()  # KERAS_BACKEND (default tensorflow), without the backend's start-up notices
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import logging as absl_logging  # Keras logs through absl
-from keras import layers
+from keras import layers  # noqa: E402
+
+import data  # noqa: E402
 
 # Keras warns on every .h5 save that the format is "legacy"; it is the format this project
 # promises (plain load_model opens it under every backend), so the warning is noise here.
 absl_logging.set_verbosity(absl_logging.ERROR)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+SUFFIXES = (".h5", ".keras")  # the formats a model is saved in; .h5 first when a name has both
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
 
-# Dropout rates after (conv block 1, conv block 2, dense 512, dense 256). The seed's
-# write-up names two runs but not their rates: full_1 is a conventional setting
-# (a quarter after convolutions, half after dense layers), full_2 lowers three of
-# the four rates, as the seed's second run did.
+# Dropout rates after (conv block 1, conv block 2, dense 512, dense 256), as the original
+# write-up's code set them for its two runs (its text names the runs, not the rates).
 DROPOUT_PRESETS = {
-    "full_1": (0.25, 0.25, 0.5, 0.5),
-    "full_2": (0.25, 0.15, 0.3, 0.3),
+    "full_1": (0.3, 0.4, 0.5, 0.5),
+    "full_2": (0.2, 0.3, 0.5, 0.35),
 }
+# Figures a model's JSON records; read_info drops any that is not a number (or null).
+FIGURES = ("val_accuracy", "val_loss", "test_accuracy", "test_loss", "temperature")
 
 
 class ModelError(Exception):
@@ -43,7 +51,7 @@ class ModelError(Exception):
 
 def build_cnn(dropout="full_1", optimizer="adam", learning_rate=1e-3, momentum=0.9,
               label_smoothing=0.0, weight_decay=None, compile=True):
-    """The seed's CNN (SPEC.md): two 64-filter 3x3 convolutions, one of 128, dense 512 and 256.
+    """The original write-up's CNN: two 64-filter 3x3 convolutions, one of 128, dense 512 and 256.
 
     dropout: a preset name from DROPOUT_PRESETS or four rates.
     optimizer: "adam" or "sgd" (with Nesterov momentum), or a keras optimizer instance;
@@ -89,21 +97,27 @@ def build_cnn(dropout="full_1", optimizer="adam", learning_rate=1e-3, momentum=0
 
 
 def model_path(name):
-    """models/NAME.h5, or NAME itself when it is a path to an existing file."""
+    """The file of model NAME: models/NAME.h5, else models/NAME.keras; NAME may carry its suffix
+    (best.h5) or be a path to a model file. A name with no file gives models/NAME.h5."""
     path = Path(name)
-    if path.suffix in (".h5", ".keras") and path.exists():
+    if path.suffix in SUFFIXES and path.is_file():
         return path
-    for suffix in (".h5", ".keras"):
-        candidate = MODELS_DIR / f"{name}{suffix}"
-        if candidate.exists():
+    stem = path.name[:-len(path.suffix)] if path.suffix in SUFFIXES and path.parent == Path(".") else str(name)
+    for suffix in SUFFIXES:
+        candidate = MODELS_DIR / f"{stem}{suffix}"
+        if candidate.is_file():
             return candidate
-    return MODELS_DIR / f"{name}.h5"
+    return MODELS_DIR / f"{stem}.h5"
 
 
 def available_models():
-    """Names of the models in models/."""
-    return sorted(p.stem for p in MODELS_DIR.glob("*") if p.suffix in (".h5", ".keras")
-                  and not p.name.startswith("."))
+    """The models in models/, one entry per name: "best", or "evil (evil.h5 loads, evil.keras too)"."""
+    files = {}
+    for p in sorted(MODELS_DIR.glob("*")):
+        if p.suffix in SUFFIXES and not p.name.startswith(".") and not p.stem.endswith("_resume"):
+            files.setdefault(p.stem, []).append(p.suffix)
+    return [stem if len(suffixes) == 1 else f"{stem} ({stem}{SUFFIXES[0]} loads, {stem}{SUFFIXES[1]} too)"
+            for stem, suffixes in files.items()]
 
 
 def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
@@ -112,7 +126,7 @@ def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
     Both files are written to a temporary name and renamed, so an interrupted save never
     leaves a broken file under the real name.
     """
-    path = Path(name) if Path(name).suffix in (".h5", ".keras") else MODELS_DIR / f"{name}{suffix}"
+    path = Path(name) if Path(name).suffix in SUFFIXES else MODELS_DIR / f"{name}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
@@ -134,19 +148,30 @@ def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
 
 def write_json(path, info):
     """Write a JSON file atomically."""
-    import data
-
-    text = json.dumps(info, indent=2, default=str) + "\n"
-    data.atomic_write(Path(path), lambda f: f.write(text.encode()))
+    data.write_text(Path(path), json.dumps(info, indent=2, default=str) + "\n")
 
 
 def read_info(name):
-    """The sidecar JSON of a model ({} when there is none)."""
+    """The sidecar JSON of a model ({} when there is none). A JSON that is not an object, or a
+    figure in it that is not a number, is ignored with a warning rather than trusted."""
     path = model_path(name).with_suffix(".json")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.exists():
         return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"warning: ignoring {path}: not readable JSON ({e})", file=sys.stderr)
+        return {}
+    if not isinstance(info, dict):
+        print(f"warning: ignoring {path}: not a JSON object", file=sys.stderr)
+        return {}
+    for key in FIGURES:
+        value = info.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            print(f"warning: ignoring {key} in {path}: {value!r} is not a number", file=sys.stderr)
+            del info[key]
+    return info
 
 
 def load_model(name, compile=False):
@@ -166,71 +191,18 @@ def load_model(name, compile=False):
     return model
 
 
+def prepare(images):
+    """The model's input: uint8 images (n, 28, 28) -> float32 (n, 28, 28, 1) in [0, 1] (pixels / 255)."""
+    return data.normalize(images)[..., None]
+
+
 def predict(model, images, batch_size=1000):
     """Class probabilities (n, 10), float64, for uint8 images (n, 28, 28)."""
-    import numpy as np
-
-    import data
-
-    x = data.normalize(images)[..., None]
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    return np.asarray(model.predict(prepare(images), batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
 def scores(probabilities, labels):
     """(accuracy, cross-entropy loss) of class probabilities against integer labels."""
-    import numpy as np
-
     accuracy = float((probabilities.argmax(axis=1) == labels).mean())
     loss = float(-np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)).mean())
     return accuracy, loss
-
-
-def device_name():
-    """"GPU: <name>" when the Keras backend sees a GPU, else "CPU: <model name>"."""
-    backend = keras.backend.backend()
-    try:
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            gpus = tf.config.list_physical_devices("GPU")
-            if gpus:
-                details = tf.config.experimental.get_device_details(gpus[0])
-                return f"GPU: {details.get('device_name', gpus[0].name)}"
-        elif backend == "jax":
-            import jax
-
-            device = jax.devices()[0]
-            if device.platform == "gpu":
-                return f"GPU: {device.device_kind}"
-        elif backend == "torch":
-            import torch
-
-            if torch.cuda.is_available():
-                return f"GPU: {torch.cuda.get_device_name(0)}"
-    except Exception:  # device queries are informative only
-        pass
-    import data
-
-    return f"CPU: {data.cpu_name()}, {os.cpu_count()} cores"
-
-
-def environment():
-    """Versions and hardware, for the JSON beside every saved model."""
-    import importlib.metadata
-
-    import numpy
-
-    backend = keras.backend.backend()
-    try:
-        backend_version = importlib.metadata.version(backend)
-    except importlib.metadata.PackageNotFoundError:
-        backend_version = "unknown"
-    return {
-        "device": device_name(),
-        "backend": f"{backend} {backend_version}",
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-        "argv": sys.argv,
-    }

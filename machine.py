@@ -1,0 +1,181 @@
+"""The machine a script runs on: a quiet start of the Keras backend, its devices, and the record of
+what ran (versions, processor, git commit) that goes into every model's JSON.
+
+Call start_backend() before importing Keras. TensorFlow prints lines that read as errors to a
+newcomer but are not ("Could not find cuda drivers", "failed call to cuInit", the oneDNN and CPU
+instruction notices, a tf.data attribute notice during training). They come from C++ straight to
+the stderr file descriptor, before any Python logging is set up, so they are filtered there:
+every other line still shows. `--verbose` on the command line (or FASHION_VERBOSE=1) keeps them all.
+"""
+
+import atexit
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VERBOSE = "--verbose" in sys.argv[1:] or os.environ.get("FASHION_VERBOSE") == "1"
+
+# Start-up notices that are not problems on a machine without a GPU (or with one).
+NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub|Could not find cuda drivers|cuInit|"
+    r"cpu_feature_guard|This TensorFlow binary is optimized|To enable the following instructions|"
+    r"oneDNN custom operations|TF_ENABLE_ONEDNN_OPTS|Unable to register cu(DNN|FFT|BLAS) factory|"
+    r"computation placer already registered|absl::InitializeLog|TensorFlow binary was not compiled|"
+    r"use_unbounded_threadpool"
+)
+
+
+def start_backend():
+    """Import Keras and its backend, and initialise the backend's devices, with the notices filtered."""
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if not VERBOSE:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's own INFO lines
+        if "keras" not in sys.modules and sys.stderr is sys.__stderr__:  # not under pytest's capture
+            filter_stderr()
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # the CUDA probe prints here, filtered
+
+
+def filter_stderr():
+    """Route the stderr file descriptor through a thread that drops the NOISE lines.
+
+    Python's own sys.stderr is moved to a copy of the real descriptor, so its messages (warnings,
+    errors, tracebacks) are written at once, unfiltered; only what C++ writes to descriptor 2
+    passes through the filter. At exit the descriptor is restored and the filter drains.
+    """
+    sys.stderr.flush()
+    real = os.dup(2)
+    sys.stderr = open(real, "w", buffering=1, encoding=sys.__stderr__.encoding, errors="backslashreplace",
+                      closefd=False)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def relay():
+        with open(read_end, "rb") as pipe:
+            for line in pipe:
+                if not NOISE.search(line.decode(errors="replace")):
+                    os.write(real, line)
+
+    thread = threading.Thread(target=relay, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore():
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end: the relay reads what is left, then stops
+        thread.join(timeout=5)
+
+    atexit.register(restore)
+
+
+def cpu_name():
+    """The processor's model name (e.g. "AMD EPYC"), to state beside every timing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (an empty set where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_has_bf16():
+    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX); emulated, it is slower."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def nvidia_gpu_present():
+    """True when the machine has an NVIDIA GPU with its driver loaded, whatever the backend sees."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() and any(Path("/proc/driver/nvidia/gpus").iterdir())
+
+
+def accelerators():
+    """Names of the GPUs (or TPUs) the Keras backend sees; empty on a CPU-only run."""
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
+                    for gpu in tf.config.list_physical_devices("GPU")]
+        if backend == "jax":
+            import jax
+
+            return [device.device_kind for device in jax.devices() if device.platform != "cpu"]
+        if backend == "torch":
+            import torch
+
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # device queries are informative only
+        pass
+    return []
+
+
+def device_name():
+    """"GPU: <name>" when the Keras backend sees a GPU, else "CPU: <model name>, N cores"."""
+    found = accelerators()
+    if found:
+        return f"GPU: {found[0]}" + (f" (x{len(found)})" if len(found) > 1 else "")
+    return f"CPU: {cpu_name()}, {os.cpu_count()} cores"
+
+
+def git_state():
+    """(commit, dirty) of the checkout the scripts run from; (None, None) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(changes.strip())
+
+
+def environment():
+    """What ran: command, code version, packages and hardware, for the JSON beside every model."""
+    import importlib.metadata
+
+    import keras
+    import numpy
+
+    backend = keras.backend.backend()
+    try:
+        backend_version = importlib.metadata.version(backend)
+    except importlib.metadata.PackageNotFoundError:
+        backend_version = "unknown"
+    commit, dirty = git_state()
+    return {
+        "argv": sys.argv,
+        "git_commit": commit,
+        "git_dirty": dirty,  # True: the checkout had uncommitted changes to tracked files
+        "device": device_name(),
+        "backend": f"{backend} {backend_version}",
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+    }
