@@ -150,7 +150,9 @@ def download(url, dest, limit):
             response.raise_for_status()
             total = int(response.headers.get("content-length") or 0)
             done = 0
-            for chunk in response.iter_content(chunk_size=1 << 16):
+            # read1 returns whatever has arrived (up to 64 KB), so the deadline is checked even
+            # while a server trickles; iter_content would wait for a whole chunk.
+            while chunk := response.raw.read1(1 << 16, decode_content=True):
                 f.write(chunk)
                 done += len(chunk)
                 if done > limit:

@@ -505,7 +505,7 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         with ctrl_c:
-            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch), steps_per_epoch=steps,
+            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch), steps_per_epoch=steps, shuffle=False,
                       epochs=settings["epochs"], initial_epoch=first_epoch, validation_data=validation,
                       callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     except KeyboardInterrupt:

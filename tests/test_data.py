@@ -221,20 +221,117 @@ def test_importing_does_nothing(tmp_path):
     assert out.stdout == "" and out.stderr == ""
 
 
-def test_augment_keeps_the_originals_first_then_adds_the_copies():
-    x, y = data.load_data("train")
-    x, y = x[:1000], y[:1000]
-    x_aug, y_aug = data.augment(x, y, copies=2, rng=7)
-    assert x_aug.shape == (3000, 28, 28) and x_aug.dtype == np.uint8
-    assert np.array_equal(x_aug[:1000], x) and np.array_equal(y_aug, np.tile(y, 3))
-    copy = x_aug[1000:2000]
-    mirrored = np.array([np.array_equal(c[:, ::-1], o) for c, o in zip(copy, x)])
-    unchanged = np.array([np.array_equal(c, o) for c, o in zip(copy, x)])
-    # Flip p=0.5 and erasing p=0.5 are independent: about a quarter of the copies are exact mirrors
-    # and about a quarter are untouched (a few symmetric images count as both).
-    assert 0.2 < mirrored.mean() < 0.32 and 0.2 < unchanged.mean() < 0.32
-    again, _ = data.augment(x, y, copies=2, rng=7)
-    assert np.array_equal(again, x_aug)
-    other, _ = data.augment(x, y, copies=2, rng=8)
-    assert not np.array_equal(other, x_aug)
-    assert data.augment(x, y, copies=0)[0].shape == (1000, 28, 28)
+# ---- Caches and resources (issue: nothing silently wrong, no traceback) ----
+
+def fresh_cache(tmp_path, monkeypatch, real_labels):
+    """A data/ folder whose labels file came from FASHION_MNIST_DIR and is now cached as .npy."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / f"{LABELS}.gz").write_bytes(gzip.compress(real_labels))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "src"))
+    data_dir = tmp_path / "data"
+    expected = data.load_file(LABELS, data_dir)
+    return data_dir, expected
+
+
+@pytest.mark.parametrize("damage", [
+    lambda npy, stamp: npy.write_bytes(npy.read_bytes()[:-200] + bytes(b ^ 0x5A for b in npy.read_bytes()[-200:])),
+    lambda npy, stamp: npy.write_bytes(b""),
+    lambda npy, stamp: npy.write_bytes(b"\x93NUMPY garbage header" + bytes(100)),
+    lambda npy, stamp: stamp.write_bytes(b"\xff\xfe not utf-8 \x80"),
+    lambda npy, stamp: stamp.unlink(),
+], ids=["flipped-bytes-same-size", "empty", "garbage-header", "stamp-not-utf8", "stamp-missing"])
+def test_a_damaged_cache_is_rebuilt_not_used(tmp_path, offline, real_labels, monkeypatch, capsys, damage):
+    data_dir, expected = fresh_cache(tmp_path, monkeypatch, real_labels)
+    npy, stamp = data_dir / f"{LABELS}.npy", data_dir / f"{LABELS}.npy.stamp"
+    size = npy.stat().st_size
+    damage(npy, stamp)
+    capsys.readouterr()
+    again = data.load_file(LABELS, data_dir)
+    out = capsys.readouterr().out
+    assert np.array_equal(again, expected)
+    assert "cached" not in out and "verified in" in out  # decoded again from the verified .gz
+    assert npy.stat().st_size == size and data.load_file(LABELS, data_dir) is not None
+    assert "cached" in capsys.readouterr().out  # the rebuilt cache is used next time
+
+
+def test_a_gzip_bomb_is_refused_without_unpacking_it(tmp_path, offline, monkeypatch):
+    import tracemalloc
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    with gzip.open(bomb / f"{LABELS}.gz", "wb", compresslevel=9) as f:  # 200 MB of zeros in ~200 KB
+        for _ in range(200):
+            f.write(bytes(1 << 20))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(bomb))
+    tracemalloc.start()
+    with pytest.raises(data.DataError) as error:
+        data.obtain(LABELS, offline)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "decompresses to more than the 10,008 bytes" in str(error.value)
+    assert peak < 5 << 20  # bytes held at once: far below what the file unpacks to
+
+
+class Trickle(http.server.BaseHTTPRequestHandler):
+    """Sends a gzip header, then one byte every 0.3 s, for ever."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        try:
+            for _ in range(1000):
+                self.wfile.write(b"\x1f")
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_trickling_download_meets_its_deadline_and_leaves_nothing(offline, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("FASHION_MNIST_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE", 2)
+    start = time.perf_counter()
+    with pytest.raises(data.DataError, match="timed out: not done after 2 s"):
+        data.obtain(LABELS, offline)
+    server.shutdown()
+    assert time.perf_counter() - start < 10
+    assert list(offline.iterdir()) == []  # no .part or .download file left
+
+
+def test_download_errors_say_what_happened(offline, web_server, monkeypatch):
+    root, url = web_server
+    monkeypatch.setenv("FASHION_MNIST_URL", url)  # the file is not there: 404
+    with pytest.raises(data.DataError, match="download failed: HTTP 404"):
+        data.obtain(LABELS, offline)
+    monkeypatch.setenv("FASHION_MNIST_URL", closed_port_url())
+    with pytest.raises(data.DataError, match="download failed: connection refused"):
+        data.obtain(LABELS, offline)
+
+
+def test_folders_that_are_files_get_one_line(tmp_path, offline, monkeypatch):
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "a-file"))
+    with pytest.raises(data.DataError, match=r"\$FASHION_MNIST_DIR: .*a-file is not a folder"):
+        data.obtain(LABELS, offline)
+    (tmp_path / "data-file").write_text("where data/ should be")
+    with pytest.raises(data.DataError, match="is a file, not a folder"):
+        data.load_file(LABELS, tmp_path / "data-file")
+
+
+def test_a_full_disk_is_one_line(tmp_path, offline, real_labels, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / f"{LABELS}.gz").write_bytes(gzip.compress(real_labels))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "src"))
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(offline / "x.part"))
+
+    monkeypatch.setattr(data.tempfile, "mkstemp", no_space)
+    with pytest.raises(data.DataError, match="No space left on device"):
+        data.load_file(LABELS, offline)
+    assert list(offline.iterdir()) == []

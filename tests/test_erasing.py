@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import data
+import erasing
 from erasing import erase_boxes, random_erasing
 
 
@@ -82,13 +84,14 @@ def test_positions_cover_the_whole_allowed_range():
     assert left.min() == 0 and (left + width).max() == 28
 
 
+@pytest.mark.parametrize("fill", ["pixel", "box"])
 @pytest.mark.parametrize("shape, dtype", [
     ((500, 28, 28), np.uint8),
     ((500, 28, 28), np.float32),
     ((500, 28, 28, 1), np.uint8),
     ((500, 20, 24, 3), np.float32),
 ])
-def test_only_pixels_inside_the_box_change(shape, dtype):
+def test_only_pixels_inside_the_box_change(shape, dtype, fill):
     rng = np.random.default_rng(6)
     if dtype == np.uint8:
         images = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -96,11 +99,12 @@ def test_only_pixels_inside_the_box_change(shape, dtype):
         images = rng.random(shape, dtype=np.float32)
     n, h, w = shape[:3]
 
-    out = random_erasing(images, p=0.7, rng=7)
+    out = random_erasing(images, p=0.7, rng=7, fill=fill)
 
     assert out.shape == images.shape and out.dtype == images.dtype
     # random_erasing draws its boxes first from the same generator, so the
-    # same seed reproduces them.
+    # same seed reproduces them, whatever the fill: the erased fraction, the
+    # areas and the aspect ratios tested above are those of both fills.
     top, left, height, width, erased = erase_boxes(n, h, w, p=0.7, rng=7)
     inside = box_mask(top, left, height, width, h, w)
     assert np.array_equal(out[~inside], images[~inside])
@@ -142,6 +146,54 @@ def test_filled_values_look_uniform():
     assert filled.min() >= 0 and filled.max() < 1
 
 
+@pytest.mark.parametrize("shape, dtype", [((3000, 28, 28), np.uint8), ((3000, 20, 24, 3), np.float32)])
+def test_box_fill_gives_each_box_one_value_uniform_over_the_range(shape, dtype):
+    n, h, w = shape[:3]
+    images = np.zeros(shape, dtype=dtype)
+    out = random_erasing(images, p=1.0, rng=12, fill="box")
+    top, left, height, width, erased = erase_boxes(n, h, w, p=1.0, rng=12)
+    values = []
+    for i in np.flatnonzero(erased):
+        box = out[i, top[i]:top[i] + height[i], left[i]:left[i] + width[i]]
+        assert np.all(box == box.flat[0])  # one grey level over the box and its channels
+        values.append(float(box.flat[0]))
+    values = np.array(values)
+    top_value, spread = (255, 73.9) if dtype == np.uint8 else (1, 0.2887)  # uniform: sd = range / sqrt(12)
+    assert abs(values.mean() - top_value / 2) < 4 * spread / np.sqrt(len(values))
+    assert values.min() >= 0 and values.max() <= top_value and (dtype == np.uint8 or values.max() < 1)
+    assert len(np.unique(values)) > (200 if dtype == np.uint8 else len(values) * 0.99)
+    # Pixel fill over the same boxes: many values per box.
+    pixel = random_erasing(images, p=1.0, rng=12, fill="pixel")
+    i = int(np.argmax(height * width))
+    assert len(np.unique(pixel[i, top[i]:top[i] + height[i], left[i]:left[i] + width[i]])) > 10
+
+
+def test_an_unknown_fill_is_rejected():
+    with pytest.raises(ValueError, match="fill must be one of"):
+        random_erasing(np.zeros((2, 8, 8), dtype=np.uint8), fill="noise")
+
+
 def test_unsupported_dtype_is_rejected():
     with pytest.raises(TypeError):
         random_erasing(np.zeros((2, 8, 8), dtype=np.int32), p=1.0, rng=0)
+
+
+def test_augment_keeps_the_originals_first_then_adds_the_copies():
+    x, y = data.load_data("train")
+    x, y = x[:1000], y[:1000]
+    x_aug, y_aug = erasing.augment(x, y, copies=2, rng=7)
+    assert x_aug.shape == (3000, 28, 28) and x_aug.dtype == np.uint8
+    assert np.array_equal(x_aug[:1000], x) and np.array_equal(y_aug, np.concatenate([y, y, y]))
+    copy = x_aug[1000:2000]
+    mirrored = np.array([np.array_equal(c[:, ::-1], o) for c, o in zip(copy, x)])
+    unchanged = np.array([np.array_equal(c, o) for c, o in zip(copy, x)])
+    # Flip p=0.5 and erasing p=0.5 are independent: about a quarter of the copies are exact mirrors
+    # and about a quarter are untouched (a few symmetric images count as both).
+    assert 0.2 < mirrored.mean() < 0.32 and 0.2 < unchanged.mean() < 0.32
+    again, _ = erasing.augment(x, y, copies=2, rng=7)
+    assert np.array_equal(again, x_aug)
+    other, _ = erasing.augment(x, y, copies=2, rng=8)
+    assert not np.array_equal(other, x_aug)
+    assert erasing.augment(x, y, copies=0)[0].shape == (1000, 28, 28)
+    boxed, _ = erasing.augment(x, y, copies=1, rng=7, fill="box")
+    assert np.array_equal(boxed[:1000], x) and not np.array_equal(boxed, x_aug[:2000])
