@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,9 @@ def float32_copy(model):
 def export(model, fmt, path):
     """Write `model` to `path` in format `fmt` with Keras's own exporters."""
     import tensorflow as tf
+
+    # Keras's tf2onnx patch probes np.object, which NumPy 2 answers with a FutureWarning: noise here.
+    warnings.filterwarnings("ignore", message=".*np.object.*", category=FutureWarning)
 
     signature = [tf.TensorSpec((None, 28, 28, 1), tf.float32, name=INPUT_NAME)]  # tf2onnx needs it explicit
     if fmt == "keras":

@@ -35,6 +35,7 @@ SEED = 0  # which wrong predictions are drawn
 ECE_BINS = 15  # equal-width bins of the top probability, as in Guo et al. 2017
 VAL_FRACTION = 0.15  # the validation split train.py holds out: the last 15 % of the training file
 TEMPERATURE_RANGE = (0.05, 20.0)  # where the fitted temperature is searched for
+CONFIDENT = 0.9  # a wrong prediction above this top probability is counted as a confident error
 
 
 class CalibrationError(Exception):
@@ -181,6 +182,9 @@ def report(label, probabilities, y):
     print(f"Test loss: {loss:.4f}")
     print(f"ECE: {expected_calibration_error(probabilities, y):.4f}")
     print(f"NLL: {nll(probabilities, y):.4f}")
+    wrong = probabilities.argmax(axis=1) != y
+    print(f"Confident errors: {(wrong & (probabilities.max(axis=1) > CONFIDENT)).sum()} of {wrong.sum()} "
+          f"wrong predictions have a top probability above {CONFIDENT}")
     return accuracy
 
 

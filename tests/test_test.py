@@ -108,6 +108,7 @@ def test_calibrate_fits_on_the_validation_split_and_keeps_the_rest_of_the_json(p
     out = capsys.readouterr().out
     assert "Model: mine calibrated (temperature" in out
     assert out.count("Test accuracy:") == 2 and out.count("ECE: ") == 2 and out.count("NLL: ") == 2
+    assert out.count("Confident errors: ") == 2
 
 
 def test_a_model_trained_on_all_data_borrows_its_recipes_temperature(project, capsys):
