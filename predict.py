@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 DEFAULT_MODEL = "best"
 DEFAULT_TOP = 3  # classes shown per picture: the prediction and its runners-up
@@ -41,36 +41,33 @@ def to_rgb(image):
     """
     image = ImageOps.exif_transpose(image)  # phone photos: upright as they are shown
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: scale to 8 bits
-        values = np.asarray(image, dtype=np.float64)
-        top = values.max() if values.max() > 255 else 255.0
+        values = np.asarray(image, dtype=np.float32)
+        top = max(float(values.max()), 255.0)
         image = Image.fromarray(np.uint8(np.clip(values / top * 255, 0, 255).round()))
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         return image.convert("RGB")
-    rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
-    alpha = rgba[..., 3:] / 255
-    grey = rgba[..., :3] @ [0.299, 0.587, 0.114]
-    visible_brightness = (grey * alpha[..., 0]).sum() / max(alpha.sum(), 1e-9)
-    background = 0.0 if visible_brightness >= DARK else 255.0
-    rgb = rgba[..., :3] * alpha + background * (1 - alpha)
-    return Image.fromarray(np.uint8(rgb.round()))
+    rgba = image.convert("RGBA")
+    sample = np.asarray(rgba.resize((min(rgba.width, 256), min(rgba.height, 256))), dtype=np.float64)
+    alpha = sample[..., 3] / 255
+    visible_brightness = (sample[..., :3] @ [0.299, 0.587, 0.114] * alpha).sum() / max(alpha.sum(), 1e-9)
+    background = (0, 0, 0, 255) if visible_brightness >= DARK else (255, 255, 255, 255)
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert("RGB")
 
 
 def corner_colour(rgb):
-    """The colour of the corners (per channel, the median of the four corner pixels), as floats."""
-    pixels = np.asarray(rgb, dtype=np.float64)
-    corners = pixels[[0, 0, -1, -1], [0, -1, 0, -1]]
-    return np.median(corners, axis=0)
+    """The colour of the corners: per channel, the median of the four corner pixels."""
+    corners = [rgb.getpixel((x, y)) for x in (0, rgb.width - 1) for y in (0, rgb.height - 1)]
+    return np.median(np.array(corners, dtype=np.float64), axis=0)
 
 
 def trim(rgb, background):
     """Crop the borders whose pixels are all within TRIM_TOLERANCE of the background colour."""
-    pixels = np.asarray(rgb, dtype=np.float64)
-    content = (np.abs(pixels - background) > TRIM_TOLERANCE * 255).any(axis=2)
-    rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
-    if len(rows) == 0:  # nothing but background: keep the whole picture
-        return rgb
-    return rgb.crop((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1))
+    plain = Image.new("RGB", rgb.size, tuple(int(round(c)) for c in background))
+    tolerance = TRIM_TOLERANCE * 255
+    content = ImageChops.difference(rgb, plain).point(lambda v: 255 if v > tolerance else 0)
+    box = content.getbbox()  # of the pixels that differ in any channel; None: nothing but background
+    return rgb.crop(box) if box else rgb
 
 
 def prepare(image):
@@ -208,7 +205,8 @@ def main(argv=None):
         results.append(result)
 
     if args.json:
-        print(json.dumps(results, indent=1))
+        lines = ",\n".join(json.dumps(result) for result in results)  # one picture a line
+        print(f"[\n{lines}\n]" if results else "[]")
     else:
         for result in results:
             line = f"{result['path']}: {result['class']} {result['probability']:.4f}"
