@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -178,21 +179,25 @@ def claim(args):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends
     except BlockingIOError:
         sys.exit(f"error: another train.py is running as {args.name!r}; wait for it, or choose another --name")
-    resume = "" if args.name == SCRATCH_NAME else f" --name {args.name}"
-    if args.resume:
-        if not files["resume_info"].exists():
-            sys.exit(f"error: nothing of {args.name!r} to resume: {files['resume_info'].name} not found "
-                     f"(a run writes it when it starts); start it with: python train.py{resume}")
-    elif args.name != SCRATCH_NAME and not args.overwrite:
-        existing = models.model_path(args.name)
-        if existing.exists():
-            what = f"{existing} exists"
-        elif files["resume_info"].exists():
-            what = f"a run named {args.name!r} was stopped (continue it with: python train.py --resume{resume})"
-        else:
-            what = None
-        if what and ask(f"{what}: replace it? [y/N] ", "n").lower() not in ("y", "yes"):
-            sys.exit(f"error: {what}; choose another --name, or add --overwrite to replace it")
+    try:
+        resume = "" if args.name == SCRATCH_NAME else f" --name {args.name}"
+        if args.resume:
+            if not files["resume_info"].exists():
+                sys.exit(f"error: nothing of {args.name!r} to resume: {files['resume_info'].name} not found "
+                         f"(a run writes it when it starts); start it with: python train.py{resume}")
+        elif args.name != SCRATCH_NAME and not args.overwrite:
+            existing = models.model_path(args.name)
+            if existing.exists():
+                what = f"{existing} exists"
+            elif files["resume_info"].exists():
+                what = f"a run named {args.name!r} was stopped (continue it with: python train.py --resume{resume})"
+            else:
+                what = None
+            if what and ask(f"{what}: replace it? [y/N] ", "n").lower() not in ("y", "yes"):
+                sys.exit(f"error: {what}; choose another --name, or add --overwrite to replace it")
+    except SystemExit:
+        lock.close()
+        raise
     return files, lock
 
 
@@ -284,31 +289,29 @@ def build_model(settings, steps_per_epoch):
                             label_smoothing=settings["label_smoothing"], weight_decay=settings["weight_decay"] or None)
 
 
-def epochs_for_minutes(minutes, settings, x_train, n_train, n_val, n_test, probe_steps=8):
-    """How many epochs fit in `minutes` here, timed on a throwaway copy of the model.
+def epoch_budget(minutes, train_rate, predict_rate, n_train, n_val, n_test):
+    """(epochs, seconds an epoch): how many epochs fit in `minutes` at these rates (images/s),
+    leaving time for the final evaluation of the model and of the best checkpoint."""
+    epoch_seconds = n_train / train_rate + n_val / predict_rate + 1.0  # + saving the checkpoints
+    final_seconds = 2 * (n_val + n_test) / predict_rate
+    return max(1, int((minutes * 60 - final_seconds) // epoch_seconds)), epoch_seconds
 
-    One untimed pass compiles, a second of `probe_steps` steps is timed, then a timed
-    prediction pass gives the cost of validation and the final evaluation.
-    """
+
+def time_this_machine(settings, x_train, probe_steps=8):
+    """(training, prediction) images per second here, timed on a throwaway copy of the model:
+    one untimed pass compiles, a second of `probe_steps` steps is timed."""
     batch = settings["batch_size"]
     images = models.prepare(x_train[:probe_steps * batch])
     labels = np.zeros(len(images), dtype=np.int64)
     probe = models.build_cnn(settings["dropout"], settings["optimizer"], settings["lr"])
-    probe.fit(images, labels, batch_size=batch, epochs=1, verbose=0)
-    start = time.perf_counter()
-    probe.fit(images, labels, batch_size=batch, epochs=1, verbose=0)
-    train_rate = len(images) / (time.perf_counter() - start)
-    probe.predict(images, batch_size=batch, verbose=0)
-    start = time.perf_counter()
-    probe.predict(images, batch_size=batch, verbose=0)
-    predict_rate = len(images) / (time.perf_counter() - start)
-    del probe
-    epoch_seconds = n_train / train_rate + n_val / predict_rate + 1.0  # + saving the checkpoints
-    final_seconds = 2 * (n_val + n_test) / predict_rate  # the final model and the best checkpoint
-    epochs = max(1, int((minutes * 60 - final_seconds) // epoch_seconds))
-    print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "
-          f"{epochs} epochs fit in {minutes:g} minutes (the same run again: --epochs {epochs})")
-    return epochs, {"train_images_per_s": round(train_rate, 1), "epoch_seconds_estimate": round(epoch_seconds, 1)}
+    rates = []
+    for step in (lambda: probe.fit(images, labels, batch_size=batch, epochs=1, verbose=0),
+                 lambda: probe.predict(images, batch_size=batch, verbose=0)):
+        step()
+        start = time.perf_counter()
+        step()
+        rates.append(len(images) / (time.perf_counter() - start))
+    return tuple(rates)
 
 
 class CtrlC:
@@ -393,7 +396,8 @@ class Checkpoints(keras.callbacks.Callback):
 
 
 def record(model, name, run_info, epochs, x_val, y_val, x_test, y_test):
-    """Evaluate a saved model on validation and test, write its JSON beside it, print its lines."""
+    """Evaluate a saved model on validation and test, write its JSON beside it, print its lines;
+    returns the JSON's content."""
     val = models.scores(models.predict(model, x_val), y_val) if len(x_val) else (None, None)
     test = models.scores(models.predict(model, x_test), y_test)
     info = {**run_info, **machine.environment(), "model": name, "epochs": epochs,
@@ -404,6 +408,7 @@ def record(model, name, run_info, epochs, x_val, y_val, x_test, y_test):
         print(f"Validation accuracy: {val[0]:.4f}")
     print(f"Test accuracy: {test[0]:.4f}")
     print(f"Test loss: {test[1]:.4f}")
+    return info
 
 
 def plot_history(csv_path, png_path, show=False):
@@ -432,9 +437,10 @@ def plot_history(csv_path, png_path, show=False):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
     files, lock = claim(args)  # noqa: F841 (the lock is held while the process runs)
-    command = " ".join(["python"] + sys.argv)
+    command = shlex.join(["python", "train.py", *argv])
     run_info = {"command": command, "recipe": args.recipe, "settings": settings, "seed": args.seed,
                 "limit": args.limit, "all_data": args.all_data, "epochs_done": 0, "train_seconds": 0.0}
     extended = False
@@ -484,8 +490,13 @@ def main(argv=None):
 
     # Model: new, or the stopped run's weights and optimizer state.
     if args.minutes:
-        settings["epochs"], run_info["timed"] = epochs_for_minutes(args.minutes, settings, x_train,
-                                                                   len(x_images), len(x_val), len(x_test))
+        train_rate, predict_rate = time_this_machine(settings, x_train)
+        settings["epochs"], epoch_seconds = epoch_budget(args.minutes, train_rate, predict_rate, len(x_images),
+                                                         len(x_val), len(x_test))
+        run_info["timed"] = {"train_images_per_s": round(train_rate, 1), "epoch_seconds": round(epoch_seconds, 1)}
+        print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "
+              f"{settings['epochs']} epochs fit in {args.minutes:g} minutes (the same run again: "
+              f"--epochs {settings['epochs']})")
         keras.utils.set_random_seed(args.seed)  # the run draws what it would have drawn without the probe
     if first_epoch:
         model = load_resume_model(files)
@@ -518,8 +529,11 @@ def main(argv=None):
 
     # Record: the final model, then this run's best checkpoint, each with its figures and JSON.
     models.save_model(model, files["model"], include_optimizer=False)
-    record(model, args.name, run_info, settings["epochs"], x_val, y_val, x_test, y_test)
-    if "best_epoch" in run_info:
+    figures = record(model, args.name, run_info, settings["epochs"], x_val, y_val, x_test, y_test)
+    if run_info.get("best_epoch") == settings["epochs"]:  # the checkpoint holds the final weights
+        models.write_json(files["best"].with_suffix(".json"), {**figures, "model": f"{args.name}_acc"})
+        print(f"Model: {files['best']}: the same weights (the last epoch was the best)")
+    elif "best_epoch" in run_info:
         record(models.load_model(files["best"]), f"{args.name}_acc", run_info, run_info["best_epoch"],
                x_val, y_val, x_test, y_test)
     plot_history(files["csv"], files["plots"] / "Training_history.png", args.show)
