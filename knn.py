@@ -11,10 +11,14 @@ Two back-ends give the same neighbours bit for bit: "numpy" (the reference)
 and "numba" (a compiled kernel that uses the CPU's sum-of-absolute-differences
 instruction, `psadbw`, on blocks of test rows against the training set; both
 cores). "auto" picks numba when it is installed.
+
+numba compiles the kernel on the first run (seconds) and keeps the machine
+code on disk, in __pycache__ beside this file (or in NUMBA_CACHE_DIR), so later
+runs load it at once; an entry serves only the instruction set, row width and
+CPU it was built for, and is rebuilt when this file or numba changes.
 """
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -23,12 +27,33 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import data
+import machine
+
+try:  # the compiled back-end; without numba, knn.py runs the NumPy reference
+    import numba
+    from llvmlite import ir
+    from numba.extending import intrinsic
+except ImportError:
+    numba = ir = None
+
+    def intrinsic(func):  # the kernel below then stays uncompiled, and unused
+        return func
 
 K = 5  # neighbours that vote
 METRIC = "l1"  # l1 (Manhattan, the seed's) or l2 (Euclidean)
 BACKEND = "auto"  # auto: numba if it is installed, else numpy
 CHUNK = 500  # test images per progress step
+TRAIN_IMAGES, TEST_IMAGES = 60000, 10000  # Fashion-MNIST's split sizes, to check options before loading
 PAD = 64  # the kernel reads rows in 64-byte pieces (one AVX-512 register)
+QUERY_ROWS = 16  # test rows per parallel task of the kernel
+TRAIN_TILE = 512  # training rows the kernel scans per test row in turn (~420 KB, stays in L2)
+# Instruction sets the kernel has a variant for: bytes per instruction, and the LLVM intrinsic that
+# sums absolute differences (psadbw); "portable" leaves the choice of instructions to LLVM.
+ISAS = {
+    "avx512": (64, "llvm.x86.avx512.psad.bw.512"),
+    "avx2": (32, "llvm.x86.avx2.psad.bw"),
+    "portable": (16, None),
+}
 
 
 def flatten(images):
@@ -83,29 +108,58 @@ def neighbours_numpy(x_query, x_train, k, metric, rows=8):
 
 
 def best_isa():
-    """The widest instruction set the kernel has a variant for on this CPU."""
+    """The widest instruction set the kernel has a variant for, on the CPU numba compiles for.
+
+    That is this CPU, unless NUMBA_CPU_NAME=generic or NUMBA_CPU_FEATURES name another target.
+    """
     import llvmlite.binding as llvm
 
-    features = llvm.get_host_cpu_features()
+    if numba is not None and numba.config.CPU_FEATURES is not None:  # e.g. "+avx2,-avx512bw"; "" for generic
+        features = {name[1:]: name[0] == "+" for name in numba.config.CPU_FEATURES.split(",") if name}
+    else:
+        features = llvm.get_host_cpu_features()
     return "avx512" if features.get("avx512bw") else "avx2" if features.get("avx2") else "portable"
 
 
-@functools.cache
-def numba_kernel(isa, width):
-    """Compile the L1 top-k kernel for one instruction set and row width (once per process, seconds).
+def numba_available():
+    return numba is not None
 
-    isa: "avx512" (64-byte psadbw), "avx2" (32-byte psadbw) or "portable" (plain LLVM IR);
-    width: bytes per padded row, a multiple of PAD (a constant, so the row loop is unrolled).
+
+def cached_kernel(kernel):
+    """kernel compiled by numba for all cores, its machine code kept on disk for later runs.
+
+    numba writes the cache to NUMBA_CACHE_DIR if set, else to __pycache__ beside this file, else (read-only
+    folder) to the user's cache folder; where none is writable it compiles on every run. An entry is used
+    only for the same contents of this file, numba version, argument types and CPU (name and features).
+    Without numba, kernel stays plain Python and is never called.
     """
-    from llvmlite import ir
-    from numba import njit, prange, types
-    from numba.extending import intrinsic
+    if numba is None:
+        return kernel
+    try:
+        return numba.njit(cache=True, parallel=True)(kernel)
+    except RuntimeError:  # "no locator available": no writable cache folder anywhere
+        return numba.njit(parallel=True)(kernel)
 
-    lanes, psadbw = {
-        "avx512": (64, "llvm.x86.avx512.psad.bw.512"),
-        "avx2": (32, "llvm.x86.avx2.psad.bw"),
-        "portable": (16, None),  # LLVM picks the instructions
-    }[isa]
+
+def row_records(images, isa):
+    """(n, ...) uint8 -> (n,) records, one padded row of pixels each, the record's one field named isa.
+
+    The row width (the record's size) and the instruction set (its field name) are then part of the
+    kernel's argument types: numba compiles, and caches, one kernel per (isa, width), unrolled for that
+    width, and never serves the machine code of one to another.
+    """
+    flat = flatten(images)
+    return flat.view(np.dtype([(isa, np.uint8, (flat.shape[1],))])).reshape(len(flat))
+
+
+@intrinsic
+def row_l1(typingctx, a, a_row, b, b_row):
+    """sum |a[a_row] - b[b_row]| over the bytes of two row records (see row_records), as int64."""
+    if not (isinstance(a, numba.types.Array) and isinstance(a.dtype, numba.types.Record) and b == a):
+        return None
+    (isa,) = a.dtype.fields
+    width = a.dtype.size  # bytes per row, a multiple of PAD
+    lanes, psadbw = ISAS[isa]
     i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
     bytes_t = ir.VectorType(i8, lanes)
 
@@ -114,79 +168,86 @@ def numba_kernel(isa, width):
             return module.globals[name]
         return ir.Function(module, ir.FunctionType(ret, args), name)
 
-    @intrinsic
-    def row_l1(typingctx, a, a_start, b, b_start):
-        """sum |a[a_start + p] - b[b_start + p]| for p < width, over uint8 arrays, as int64."""
-        def codegen(context, builder, signature, args):
-            a_ptr = context.make_array(signature.args[0])(context, builder, args[0]).data
-            b_ptr = context.make_array(signature.args[2])(context, builder, args[2]).data
-            total = None
-            for offset in range(0, width, lanes):
-                loads = []
-                for ptr, start in ((a_ptr, args[1]), (b_ptr, args[3])):
-                    addr = builder.gep(ptr, [builder.add(start, ir.Constant(i64, offset))])
-                    loads.append(builder.load(builder.bitcast(addr, bytes_t.as_pointer()), align=1))
-                if psadbw:  # one instruction: |a - b| summed in groups of 8 bytes -> lanes/8 int64
-                    sums_t = ir.VectorType(i64, lanes // 8)
-                    part = builder.call(declare(builder.module, psadbw, sums_t, [bytes_t, bytes_t]), loads)
-                else:
-                    sums_t = ir.VectorType(i32, lanes)
-                    suffix = f"v{lanes}i8"
-                    high = builder.call(declare(builder.module, f"llvm.umax.{suffix}", bytes_t, [bytes_t] * 2), loads)
-                    low = builder.call(declare(builder.module, f"llvm.umin.{suffix}", bytes_t, [bytes_t] * 2), loads)
-                    part = builder.zext(builder.sub(high, low), sums_t)
-                total = part if total is None else builder.add(total, part)
-            vector_t = total.type  # <N x iB>
-            reduce = declare(builder.module, f"llvm.vector.reduce.add.v{vector_t.count}i{vector_t.element.width}",
-                             vector_t.element, [vector_t])
-            result = builder.call(reduce, [total])
-            return builder.zext(result, i64) if result.type != i64 else result
-        return types.int64(a, a_start, b, b_start), codegen
+    def codegen(context, builder, signature, args):
+        rows = []  # i8* to the first byte of each of the two rows
+        for array_t, array, row in ((signature.args[0], args[0], args[1]), (signature.args[2], args[2], args[3])):
+            data = builder.bitcast(context.make_array(array_t)(context, builder, array).data, i8.as_pointer())
+            rows.append(builder.gep(data, [builder.mul(row, ir.Constant(i64, width))]))
+        total = None
+        for offset in range(0, width, lanes):
+            loads = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, offset)]), bytes_t.as_pointer()),
+                                  align=1) for row in rows]
+            if psadbw:  # one instruction: |a - b| summed in groups of 8 bytes -> lanes/8 int64
+                sums_t = ir.VectorType(i64, lanes // 8)
+                part = builder.call(declare(builder.module, psadbw, sums_t, [bytes_t, bytes_t]), loads)
+            else:
+                sums_t = ir.VectorType(i32, lanes)
+                suffix = f"v{lanes}i8"
+                high = builder.call(declare(builder.module, f"llvm.umax.{suffix}", bytes_t, [bytes_t] * 2), loads)
+                low = builder.call(declare(builder.module, f"llvm.umin.{suffix}", bytes_t, [bytes_t] * 2), loads)
+                part = builder.zext(builder.sub(high, low), sums_t)
+            total = part if total is None else builder.add(total, part)
+        vector_t = total.type  # <N x iB>
+        reduce = declare(builder.module, f"llvm.vector.reduce.add.v{vector_t.count}i{vector_t.element.width}",
+                         vector_t.element, [vector_t])
+        result = builder.call(reduce, [total])
+        return builder.zext(result, i64) if result.type != i64 else result
 
-    rows, tile = 16, 512  # test rows per task; training rows per tile (~420 KB, stays in L2)
-
-    @njit(parallel=True)
-    def top_k_l1(x_query, x_train, k, out_index):
-        query, train = x_query.ravel(), x_train.ravel()
-        n_query, n_train = x_query.shape[0], x_train.shape[0]
-        for block in prange((n_query + rows - 1) // rows):
-            q0 = block * rows
-            q1 = min(q0 + rows, n_query)
-            best_dist = np.full((rows, k), np.iinfo(np.int64).max, dtype=np.int64)
-            best_index = np.zeros((rows, k), dtype=np.int32)
-            for t0 in range(0, n_train, tile):
-                for q in range(q0, q1):
-                    r = q - q0
-                    worst = best_dist[r, k - 1]
-                    for j in range(t0, min(t0 + tile, n_train)):
-                        d = row_l1(query, q * width, train, j * width)
-                        if d < worst:  # strict: an equal distance later in training order loses
-                            p = k - 1
-                            while p > 0 and best_dist[r, p - 1] > d:
-                                best_dist[r, p] = best_dist[r, p - 1]
-                                best_index[r, p] = best_index[r, p - 1]
-                                p -= 1
-                            best_dist[r, p] = d
-                            best_index[r, p] = j
-                            worst = best_dist[r, k - 1]
-            out_index[q0:q1] = best_index[:q1 - q0]
-
-    return top_k_l1
+    return numba.types.int64(a, numba.types.intp, b, numba.types.intp), codegen
 
 
-def numba_available():
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+@cached_kernel
+def top_k_l1(x_query, x_train, k, out_index):
+    """out_index[q] = the k nearest training rows of query row q by L1, ordered by (distance, index).
+
+    x_query, x_train: row records of the same type (row_records); out_index: (len(x_query), k) int32.
+    """
+    n_query, n_train = x_query.shape[0], x_train.shape[0]
+    for block in numba.prange((n_query + QUERY_ROWS - 1) // QUERY_ROWS):
+        q0 = block * QUERY_ROWS
+        q1 = min(q0 + QUERY_ROWS, n_query)
+        best_dist = np.full((QUERY_ROWS, k), np.iinfo(np.int64).max, dtype=np.int64)
+        best_index = np.zeros((QUERY_ROWS, k), dtype=np.int32)
+        for t0 in range(0, n_train, TRAIN_TILE):
+            for q in range(q0, q1):
+                r = q - q0
+                worst = best_dist[r, k - 1]
+                for j in range(t0, min(t0 + TRAIN_TILE, n_train)):
+                    d = row_l1(x_query, q, x_train, j)
+                    if d < worst:  # strict: an equal distance later in training order loses
+                        p = k - 1
+                        while p > 0 and best_dist[r, p - 1] > d:
+                            best_dist[r, p] = best_dist[r, p - 1]
+                            best_index[r, p] = best_index[r, p - 1]
+                            p -= 1
+                        best_dist[r, p] = d
+                        best_index[r, p] = j
+                        worst = best_dist[r, k - 1]
+        out_index[q0:q1] = best_index[:q1 - q0]
+
+
+def kernel_origin():
+    """Where this process got the kernel from, for the Kernel: line."""
+    stats = top_k_l1.stats
+    if stats.cache_path is None:
+        return "compiled; no writable cache folder, so it is compiled again on every run"
+    if sum(stats.cache_misses.values()):
+        return f"compiled and cached in {stats.cache_path}"
+    return f"loaded from the cache in {stats.cache_path}"
 
 
 def neighbours_numba(x_query, x_train, k, isa=None):
     """The compiled back-end (L1 only); same result as neighbours_numpy."""
-    out = np.empty((len(x_query), k), dtype=np.int32)
-    x_query, x_train = flatten(x_query), flatten(x_train)
-    numba_kernel(isa or best_isa(), x_train.shape[1])(x_query, x_train, k, out)
+    isa = isa or best_isa()
+    if list(ISAS).index(isa) < list(ISAS).index(best_isa()):  # LLVM would abort the process
+        raise ValueError(f"the CPU numba compiles for has no {isa}; the widest it has is {best_isa()}")
+    return nearest_rows(row_records(x_query, isa), row_records(x_train, isa), k)
+
+
+def nearest_rows(query_rows, train_rows, k):
+    """(len(query_rows), k) int32 indices of the nearest training rows; both arguments from row_records."""
+    out = np.empty((len(query_rows), k), dtype=np.int32)
+    top_k_l1(query_rows, train_rows, k, out)
     return out
 
 
@@ -203,12 +264,17 @@ def predict(x_query, x_train, y_train, k=K, metric=METRIC, backend=BACKEND, prog
         backend = "numba" if numba_available() and metric == "l1" else "numpy"
     if backend == "numba" and metric != "l1":
         raise ValueError("the numba back-end computes L1 only; use --backend numpy for l2")
+    if not 1 <= k <= len(x_train):
+        raise ValueError(f"k must be between 1 and {len(x_train)} (the training images), not {k}")
+    if backend == "numba":
+        isa = best_isa()
+        train_rows = row_records(x_train, isa)  # once, not per chunk: a 50 MB copy
     predictions = np.empty(len(x_query), dtype=np.int64)
     start = time.perf_counter()
     for i in range(0, len(x_query), CHUNK):
         part = x_query[i:i + CHUNK]
         if backend == "numba":
-            index = neighbours_numba(part, x_train, k)
+            index = nearest_rows(row_records(part, isa), train_rows, k)
         else:
             index = neighbours_numpy(part, x_train, k, metric)
         predictions[i:i + len(part)] = vote(y_train[index])
@@ -229,10 +295,10 @@ def main():
     parser.add_argument("--backend", choices=("auto", "numba", "numpy"), default=BACKEND,
                         help=f"distance kernel (default: {BACKEND}: numba if installed)")
     args = parser.parse_args()
-    if args.k < 1:
-        parser.error("--k must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        parser.error("--limit must be at least 1")
+    if not 1 <= args.k <= TRAIN_IMAGES:
+        parser.error(f"--k must be between 1 and {TRAIN_IMAGES} (the training images)")
+    if args.limit is not None and not 1 <= args.limit <= TEST_IMAGES:
+        parser.error(f"--limit must be between 1 and {TEST_IMAGES} (the test images)")
     if args.backend == "numba" and not numba_available():
         parser.error("--backend numba needs numba: pip install -r requirements.txt")
     if args.backend == "numba" and args.metric != "l1":
@@ -248,16 +314,16 @@ def main():
     if backend == "auto":
         backend = "numba" if numba_available() and args.metric == "l1" else "numpy"
 
-    if backend == "numba":  # compile before the clock starts, and say how long it took
+    if backend == "numba":  # compile, or load from the cache, before the clock starts
         start = time.perf_counter()
         predict(x_test[:1], x_train[:args.k], y_train[:args.k], args.k, args.metric, backend)
-        print(f"Compile: {time.perf_counter() - start:.1f} s ({best_isa()} kernel)")
+        print(f"Kernel: {best_isa()}, {time.perf_counter() - start:.1f} s, {kernel_origin()}")
     start = time.perf_counter()
     predictions = predict(x_test, x_train, y_train, args.k, args.metric, backend, progress=True)
     seconds = time.perf_counter() - start
     accuracy = float((predictions == y_test).mean())
     print(f"Settings: k={args.k} metric={args.metric} backend={backend} test_images={len(x_test)} "
-          f"train_images={len(x_train)} cores={os.cpu_count()} cpu={data.cpu_name()!r}")
+          f"train_images={len(x_train)} cores={os.cpu_count()} cpu={machine.cpu_name()!r}")
     print(data.per_class_accuracy(predictions, y_test))
     print(f"Test accuracy: {accuracy:.4f}")
     print(f"Time: {seconds:.1f} s")

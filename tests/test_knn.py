@@ -1,5 +1,8 @@
-"""knn.py: exact neighbours, the same from every back-end and as scikit-learn's, and the seed's 86.23 %."""
+"""knn.py: exact neighbours, the same from every back-end and as scikit-learn's, and the seed's 86.23 %;
+its compiled kernel cached on disk, per instruction set and CPU."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,32 @@ import data
 import knn
 
 ROOT = Path(knn.__file__).parent
+
+# In a fresh process: get the kernel for 28x28 images (argv[1]: instruction set, default the best) and
+# print numba's cache hits and misses for it. A miss means it was compiled, a hit that it was loaded.
+PROBE = """
+import sys
+import numpy as np
+import knn
+images = np.zeros((2, 28, 28), np.uint8)
+knn.neighbours_numba(images, images, 1, sys.argv[1] if len(sys.argv) > 1 else None)
+stats = knn.top_k_l1.stats
+print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
+"""
+
+
+def run_knn(*args, **env):
+    """`python knn.py *args` in a child process, with env added to the environment."""
+    return subprocess.run([sys.executable, "knn.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+def probe(cache_dir, *isa, **env):
+    """(hits, misses) of numba's cache for the kernel in a fresh process, with its cache in cache_dir."""
+    out = subprocess.run([sys.executable, "-c", PROBE, *isa], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), **env})
+    hits, misses = out.stdout.split()
+    return int(hits), int(misses)
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +108,74 @@ def test_exact_figure_on_a_fixed_subset_with_the_numpy_reference(fashion):
 
 
 def test_full_test_set_gives_the_seeds_accuracy():
-    out = subprocess.run([sys.executable, "knn.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = run_knn()
+    assert out.returncode == 0, out.stderr
     assert "Test accuracy: 0.8623" in out.stdout.splitlines()
     assert "backend=numba" in out.stdout
 
 
-def test_bad_options_are_refused_with_one_line():
-    out = subprocess.run([sys.executable, "knn.py", "--k", "0"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and "--k must be at least 1" in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize("args, message", [
+    (["--k", "0"], "--k must be between 1 and 60000 (the training images)"),
+    (["--k", "60001"], "--k must be between 1 and 60000 (the training images)"),
+    (["--k", "60001", "--backend", "numpy"], "--k must be between 1 and 60000 (the training images)"),
+    (["--k", "nan"], "argument --k: invalid int value: 'nan'"),
+    (["--limit", "0"], "--limit must be between 1 and 10000 (the test images)"),
+    (["--limit", "10001"], "--limit must be between 1 and 10000 (the test images)"),
+])
+def test_bad_options_are_refused_with_one_line_before_any_work(args, message):
+    out = run_knn(*args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout == ""  # nothing loaded, nothing compiled
+
+
+def test_predict_refuses_more_neighbours_than_training_images(fashion):
+    x_train, y_train, x_test, _ = fashion
+    for backend in ("numpy", "numba"):
+        with pytest.raises(ValueError, match="k must be between 1 and 10"):
+            knn.predict(x_test[:3], x_train[:10], y_train[:10], k=11, backend=backend)
+
+
+def test_an_instruction_set_the_cpu_lacks_is_refused_not_compiled():
+    missing = [isa for isa in knn.ISAS if isa not in available_isas()]
+    for isa in missing:  # LLVM would abort the whole process on it
+        with pytest.raises(ValueError, match=f"has no {isa}"):
+            knn.neighbours_numba(np.zeros((1, 8), np.uint8), np.zeros((1, 8), np.uint8), 1, isa)
+
+
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    """A new numba cache folder after two runs of `knn.py --limit 20`: (folder, first stdout, second stdout)."""
+    folder = tmp_path_factory.mktemp("numba-cache")
+    first, second = (run_knn("--limit", "20", NUMBA_CACHE_DIR=str(folder)) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    return folder, first.stdout, second.stdout
+
+
+def test_the_kernel_is_compiled_once_then_loaded_from_the_disk_cache(kernel_cache):
+    folder, first, second = kernel_cache
+    assert f", compiled and cached in {folder}" in first
+    assert list(folder.rglob("knn.top_k_l1-*.nbi")) and list(folder.rglob("knn.top_k_l1-*.nbc"))
+    # From numba's dispatcher stats in the second process: cache hits and no miss, so nothing compiled.
+    assert f", loaded from the cache in {folder}" in second
+    accuracy = [line for line in first.splitlines() if line.startswith("Test accuracy: ")]
+    assert accuracy and accuracy == [line for line in second.splitlines() if line.startswith("Test accuracy: ")]
+
+
+def test_a_cached_kernel_serves_only_its_own_instruction_set_and_cpu(kernel_cache):
+    folder = kernel_cache[0]  # holds the best instruction set's kernel for this CPU
+    if knn.best_isa() != "portable":
+        assert probe(folder, "portable") == (0, 1)  # another instruction set: compiled, not loaded
+    assert probe(folder, NUMBA_CPU_NAME="generic") == (0, 1)  # numba's generic target: another CPU
+    assert probe(folder) == (1, 0)  # the first entry is still there, beside the new ones
+
+
+def test_without_a_writable_cache_folder_knn_imports_and_keeps_no_cache(tmp_path):
+    shutil.copy(ROOT / "knn.py", tmp_path)
+    blocker = tmp_path / "__pycache__"  # a file where numba would make the folders
+    blocker.write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "NUMBA_CACHE_DIR": str(blocker / "numba"), "XDG_CACHE_HOME": str(blocker / "user")}
+    out = subprocess.run([sys.executable, "-c", "import knn; print(knn.top_k_l1.stats.cache_path)"],
+                         cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"  # numba's NullCache: importing works, nothing is kept
