@@ -50,6 +50,7 @@ FILES = {
     "t10k-labels-idx1-ubyte": (2049, 10000, "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 }
 KINDS = ("train", "t10k")
+VAL_FRACTION = 0.15  # the last 15 % of the training file validates
 
 
 class DataError(Exception):
@@ -335,10 +336,11 @@ def per_class_accuracy(predictions, labels):
     return "Per-class accuracy: " + ", ".join(parts)
 
 
-def split_data(x, y, val_fraction=0.15):
+def split_data(x, y, val_fraction=VAL_FRACTION):
     """((x_train, y_train), (x_val, y_val)): the first part trains, the last `val_fraction` validates.
 
-    Not shuffled, as in the seed: on the training file this is 51,000 / 9,000.
+    Not shuffled, as the original write-up describes it (on the training file: 51,000 / 9,000);
+    its code split at random without a seed, which no one can repeat.
     """
     n_val = int(round(len(x) * val_fraction))
     if not 0 < n_val < len(x):
@@ -347,7 +349,7 @@ def split_data(x, y, val_fraction=0.15):
 
 
 def normalize(x):
-    """uint8 pixels (any shape) -> float32 in [0, 1], as the seed: divided by 255."""
+    """uint8 pixels (any shape) -> float32 in [0, 1]: divided by 255, as the original write-up did."""
     return np.asarray(x, dtype=np.float32) / np.float32(255)
 
 

@@ -26,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+import data
+import models  # starts the Keras backend, quietly
+
+import keras  # noqa: E402 (after models: a quiet start)
+
 FORMATS = {  # format: what is written in models/ for model NAME
     "keras": "{name}.keras",
     "saved_model": "{name}_saved_model",  # a folder
@@ -37,18 +42,9 @@ BATCH_SIZE = 1000  # images per call of the exported model
 INPUT_NAME = "images"  # the input's name in the exported signature
 
 
-def model_name(name):
-    """Accept "best.h5" for "best": strip a model suffix unless the name is a path to a file."""
-    path = Path(name)
-    if path.suffix in (".h5", ".keras") and not path.exists():
-        return str(path.with_suffix(""))
-    return name
-
 
 def float32_copy(model):
     """The same model and weights computing in float32 (a mixed-precision model's layers don't)."""
-    import keras
-
     if all(layer.dtype_policy.name == "float32" for layer in model.layers):
         return model
     config = model.get_config()
@@ -81,8 +77,6 @@ def run_export(fmt, path, x):
     """Probabilities (n, 10) of the export at `path` on float32 images x, in the format's own runtime."""
     batches = [x[i:i + BATCH_SIZE] for i in range(0, len(x), BATCH_SIZE)]
     if fmt == "keras":
-        import keras
-
         model = keras.models.load_model(path, compile=False)
         outputs = [model.predict(batch, verbose=0) for batch in batches]
     elif fmt == "saved_model":
@@ -139,12 +133,7 @@ def main(argv=None):
     if args.limit < 1:
         parser.error("--limit must be at least 1")
 
-    import data
-    import models  # before keras: it starts the backend quietly
-
-    import keras
-
-    name = model_name(args.name)
+    name = models.model_name(args.name)
     if args.format != "keras" and keras.backend.backend() != "tensorflow":
         sys.exit(f"error: --format {args.format} needs KERAS_BACKEND=tensorflow (it is {keras.backend.backend()})")
     try:

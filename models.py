@@ -96,6 +96,15 @@ def build_cnn(dropout="full_1", optimizer="adam", learning_rate=1e-3, momentum=0
     return model
 
 
+def model_name(name):
+    """The name of a model as the scripts take it: "best.h5" and "best.keras" mean "best" (unless
+    the name is a path to an existing file, which is used as it is)."""
+    path = Path(name)
+    if path.suffix in SUFFIXES and not path.exists():
+        return str(path.with_suffix(""))
+    return str(name)
+
+
 def model_path(name):
     """The file of model NAME: models/NAME.h5, else models/NAME.keras; NAME may carry its suffix
     (best.h5) or be a path to a model file. A name with no file gives models/NAME.h5."""
@@ -199,6 +208,15 @@ def prepare(images):
 def predict(model, images, batch_size=1000):
     """Class probabilities (n, 10), float64, for uint8 images (n, 28, 28)."""
     return np.asarray(model.predict(prepare(images), batch_size=batch_size, verbose=0), dtype=np.float64)
+
+
+def calibrate(probabilities, temperature):
+    """softmax(log(p) / T): the probabilities after temperature scaling (Guo et al. 2017); the
+    argmax is unchanged. test.py --calibrate fits T on held-out images."""
+    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    scaled = np.exp(logits)
+    return scaled / scaled.sum(axis=1, keepdims=True)
 
 
 def scores(probabilities, labels):

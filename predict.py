@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
+import data
+import models  # starts the Keras backend, quietly
+
 DEFAULT_MODEL = "best"
 DEFAULT_TOP = 3  # classes shown per picture: the prediction and its runners-up
 SIZE = 28  # pixels, both edges of a Fashion-MNIST image
@@ -113,7 +116,6 @@ def list_images(paths):
 
 def read_images(files, save_dir=None):
     """(uint8 (n, 28, 28) inputs, the files they came from, the files that could not be read)."""
-    import data
 
     images, read, failed = [], [], []
     used_names = set()
@@ -140,20 +142,6 @@ def read_images(files, save_dir=None):
     return np.array(images, dtype=np.uint8).reshape(-1, SIZE, SIZE), read, failed
 
 
-def calibrate(probabilities, temperature):
-    """softmax(log(p) / T): temperature scaling of probabilities (Guo et al. 2017)."""
-    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
-
-
-def model_name(name):
-    """Accept "best.h5" for "best": strip a model suffix unless the name is a path to a file."""
-    path = Path(name)
-    if path.suffix in (".h5", ".keras") and not path.exists():
-        return str(path.with_suffix(""))
-    return name
 
 
 def main(argv=None):
@@ -179,10 +167,8 @@ def main(argv=None):
         except OSError as e:
             sys.exit(f"error: cannot write to {args.save_prepared}: {e.strerror or e}")
 
-    import data
-    import models
 
-    name = model_name(args.model)
+    name = models.model_name(args.model)
     try:
         model = models.load_model(name)
     except models.ModelError as e:
@@ -199,7 +185,7 @@ def main(argv=None):
         result = {"path": str(path), "class": class_names[order[0]], "probability": round(float(p[order[0]]), 4),
                   "top": [[class_names[c], round(float(p[c]), 4)] for c in order]}
         if temperature:
-            q = calibrate(p[None], temperature)[0]
+            q = models.calibrate(p[None], temperature)[0]
             result["calibrated_probability"] = round(float(q[order[0]]), 4)
             result["calibrated_top"] = [[class_names[c], round(float(q[c]), 4)] for c in order]
         results.append(result)

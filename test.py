@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
+import data
+import models  # starts the Keras backend, quietly
+
 SCREENSHOTS_DIR = Path(__file__).resolve().parent / "screenshots"
 SHIPPED_MODEL = "best"  # the one model whose plots go to screenshots/ itself (the README shows them)
 SAMPLE = 12  # wrong predictions drawn
 SEED = 0  # which wrong predictions are drawn
 ECE_BINS = 15  # equal-width bins of the top probability, as in Guo et al. 2017
-VAL_FRACTION = 0.15  # the validation split train.py holds out: the last 15 % of the training file
 TEMPERATURE_RANGE = (0.05, 20.0)  # where the fitted temperature is searched for
 CONFIDENT = 0.9  # a wrong prediction above this top probability is counted as a confident error
 
@@ -41,13 +43,6 @@ CONFIDENT = 0.9  # a wrong prediction above this top probability is counted as a
 class CalibrationError(Exception):
     """A temperature cannot be fitted or borrowed; the message says why and what to do."""
 
-
-def model_name(name):
-    """Accept "best.h5" for "best": strip a model suffix unless the name is a path to a file."""
-    path = Path(name)
-    if path.suffix in (".h5", ".keras") and not path.exists():
-        return str(path.with_suffix(""))
-    return name
 
 
 # Calibration
@@ -72,13 +67,6 @@ def expected_calibration_error(probabilities, labels, bins=ECE_BINS):
     return float((counts / counts.sum() * np.abs(accuracy - confidence)).sum())
 
 
-def calibrate(probabilities, temperature):
-    """softmax(log(p) / T): the probabilities after temperature scaling; the argmax is unchanged."""
-    logits = np.log(np.clip(probabilities, 1e-30, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    scaled = np.exp(logits)
-    return scaled / scaled.sum(axis=1, keepdims=True)
-
 
 def nll(probabilities, labels, temperature=1.0):
     """Mean negative log-likelihood of the labels under softmax(log(p) / T), computed in log space."""
@@ -100,18 +88,16 @@ def fit_temperature(probabilities, labels):
 
 def validation_split(info):
     """The images the model was validated on: the last 15 % of the training file (of its first `limit`)."""
-    import data
 
     x, y = data.load_data("train")
     if info.get("limit"):
         x, y = x[:info["limit"]], y[:info["limit"]]
-    _, (x_val, y_val) = data.split_data(x, y, VAL_FRACTION)
+    _, (x_val, y_val) = data.split_data(x, y)
     return x_val, y_val
 
 
 def recipe_sibling(name, info):
     """The model in models/ trained with the same recipe and settings, but with a validation split."""
-    import models
 
     same = []
     for other in sorted({p.stem for p in models.MODELS_DIR.glob("*") if p.suffix in (".h5", ".keras")
@@ -138,7 +124,6 @@ def fit_and_store(name, model, borrow_from=None):
     A model trained on all the data borrows the temperature of `borrow_from` (found by recipe
     when not given), which is fitted and recorded first. Returns the temperature.
     """
-    import models
 
     info = models.read_info(name)
     if info.get("all_data") or borrow_from:
@@ -151,12 +136,12 @@ def fit_and_store(name, model, borrow_from=None):
         probabilities = models.predict(model, x_val)
         temperature = fit_temperature(probabilities, y_val)
         before = (nll(probabilities, y_val), expected_calibration_error(probabilities, y_val))
-        calibrated = calibrate(probabilities, temperature)
+        calibrated = models.calibrate(probabilities, temperature)
         after = (nll(probabilities, y_val, temperature), expected_calibration_error(calibrated, y_val))
         print(f"Model: {name}: temperature {temperature:.4f} fitted on its validation split "
               f"({len(y_val)} images): NLL {before[0]:.4f} -> {after[0]:.4f}, ECE {before[1]:.4f} -> {after[1]:.4f}")
         fields = {"temperature": temperature,
-                  "temperature_fitted_on": f"validation split: last {VAL_FRACTION:.0%} of the first "
+                  "temperature_fitted_on": f"validation split: last {data.VAL_FRACTION:.0%} of the first "
                                            f"{info.get('limit') or 60000} training images ({len(y_val)} images)",
                   "temperature_validation": {"nll": before[0], "nll_calibrated": after[0],
                                              "ece": before[1], "ece_calibrated": after[1]}}
@@ -174,7 +159,6 @@ def fit_and_store(name, model, borrow_from=None):
 
 def report(label, probabilities, y):
     """Print accuracy, loss and calibration in the project's format; returns the accuracy."""
-    import models
 
     accuracy, loss = models.scores(probabilities, y)
     print(f"{label}")
@@ -190,7 +174,6 @@ def report(label, probabilities, y):
 
 def save(fig, path):
     """Write the figure as a PNG, atomically."""
-    import data
 
     data.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
@@ -275,7 +258,7 @@ def plots_folder(names, plots_dir):
     """--plots-dir, else screenshots/ for the shipped model and screenshots/NAME/ for any other."""
     if plots_dir is not None:
         return plots_dir
-    stems = [Path(model_name(name)).stem for name in names]
+    stems = [Path(models.model_name(name)).stem for name in names]
     return SCREENSHOTS_DIR if stems == [SHIPPED_MODEL] else SCREENSHOTS_DIR / "+".join(stems)
 
 
@@ -307,7 +290,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.calibrate_from and not args.calibrate:
         parser.error("--calibrate-from needs --calibrate")
-    names = [model_name(name) for name in args.names]
+    names = [models.model_name(name) for name in args.names]
 
     plots_dir = plots_folder(names, args.plots_dir)
     try:
@@ -322,14 +305,12 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     from sklearn.metrics import classification_report
 
-    import data
-    import models
 
     try:
         loaded = [(name, models.load_model(name)) for name in names]
         if args.calibrate:
             for name, model in loaded:
-                fit_and_store(name, model, args.calibrate_from and model_name(args.calibrate_from))
+                fit_and_store(name, model, args.calibrate_from and models.model_name(args.calibrate_from))
         x_test, y_test = data.load_data("t10k")  # only now: nothing above sees the test set
     except (data.DataError, models.ModelError, CalibrationError) as e:
         for folder in created:  # leave no empty plots folder behind
@@ -349,7 +330,7 @@ def main(argv=None):
         if info.get("temperature"):
             temperature = info["temperature"]
             source = info.get("temperature_from", name)
-            calibrated = calibrate(probabilities, temperature)
+            calibrated = models.calibrate(probabilities, temperature)
             report(f"Model: {name} calibrated (temperature {temperature:.4f}, fitted on {source}'s validation split)",
                    calibrated, y_test)
         if args.tta:  # test-time augmentation: the mean of each image's and its mirror image's probabilities

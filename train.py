@@ -18,7 +18,6 @@ import fcntl
 import itertools
 import json
 import math
-import os
 import re
 import shlex
 import signal
@@ -74,7 +73,6 @@ HELP = {
     "label_smoothing": "label smoothing", "weight_decay": "decoupled weight decay",
     "mixed_precision": "bfloat16 on CPUs, float16 on GPUs",
 }
-VAL_FRACTION = 0.15  # the last 15 % of the training file validates (the original write-up's split)
 SEED = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SCRATCH_NAME = "latest"  # the default name; a new run replaces it without asking
@@ -436,29 +434,29 @@ def plot_history(csv_path, png_path, show=False):
     plt.close(fig)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args, settings = parse_args(argv)
-    files, lock = claim(args)  # noqa: F841 (the lock is held while the process runs)
-    command = shlex.join(["python", "train.py", *argv])
-    run_info = {"command": command, "recipe": args.recipe, "settings": settings, "seed": args.seed,
-                "limit": args.limit, "all_data": args.all_data, "epochs_done": 0, "train_seconds": 0.0}
-    extended = False
-    if args.resume:  # the stopped run's own settings; only --epochs may change
-        run_info = read_resume_state(files)
-        settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
-        args.all_data = run_info.get("all_data", False)
-        extended = args.epochs is not None and args.epochs != settings["epochs"]
-        settings["epochs"] = args.epochs or settings["epochs"]
-        run_info.setdefault("resumed_with", []).append(command)
-        print(f"Resuming {args.name} after epoch {run_info['epochs_done']} of {settings['epochs']}")
-    else:
+def begin(args, settings, files, command):
+    """(run_info, settings, extended): a new run's record, or the stopped run's own (its settings and
+    seed; only --epochs may change, `extended` says if it did)."""
+    if not args.resume:
         for stale in ("best", "csv", "resume"):  # an earlier run's, if --overwrite allowed it
             files[stale].unlink(missing_ok=True)
+        run_info = {"command": command, "recipe": args.recipe, "settings": settings, "seed": args.seed,
+                    "limit": args.limit, "all_data": args.all_data, "epochs_done": 0, "train_seconds": 0.0}
         models.write_json(files["resume_info"], run_info)  # the run owns its resume state from the start
-    first_epoch = run_info["epochs_done"]
+        return run_info, settings, False
+    run_info = read_resume_state(files)
+    settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
+    args.all_data = run_info.get("all_data", False)
+    extended = args.epochs is not None and args.epochs != settings["epochs"]
+    settings["epochs"] = args.epochs or settings["epochs"]
+    run_info.setdefault("resumed_with", []).append(command)
+    print(f"Resuming {args.name} after epoch {run_info['epochs_done']} of {settings['epochs']}")
+    return run_info, settings, extended
 
-    keras.utils.set_random_seed(args.seed)
+
+def set_up_backend(seed, settings, run_info):
+    """Seed every generator, make TensorFlow deterministic, pick the precision; say what runs where."""
+    keras.utils.set_random_seed(seed)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -468,66 +466,45 @@ def main(argv=None):
           f"{run_info['dtype_policy']})")
     if machine.nvidia_gpu_present() and not machine.accelerators():
         print(f"warning: this machine has an NVIDIA GPU that the {keras.backend.backend()} backend does not see; "
-              f"see README, 'More than one device'", file=sys.stderr)
+              f"see README, 'More than one device or machine'", file=sys.stderr)
 
-    # Data: the first 85 % of the training file trains, the last 15 % validates (--all-data: all train).
+
+def load_split(args):
+    """((x_train, y_train), (x_val, y_val), (x_test, y_test)), uint8 images: the first 85 % of the
+    training file trains and the last 15 % validates (--all-data: all of it trains), --limit first."""
     try:
         x, y = data.load_data("train")
-        x_test, y_test = data.load_data("t10k")
+        test = data.load_data("t10k")
     except data.DataError as e:
         sys.exit(f"error: {e}")
     x, y = x[:args.limit], y[:args.limit]
     if args.all_data:
-        (x_train, y_train), (x_val, y_val) = (x, y), (x[:0], y[:0])
-    else:
-        (x_train, y_train), (x_val, y_val) = data.split_data(x, y, VAL_FRACTION)
-    one_hot = settings["label_smoothing"] > 0  # the smoothed loss takes one-hot labels
-    encode = (lambda labels: np.eye(models.NUM_CLASSES, dtype=np.float32)[labels]) if one_hot else (lambda v: v)
-    x_images, y_images = training_images(x_train, encode(y_train), settings, args.seed)
-    validation = (models.prepare(x_val), encode(y_val)) if len(x_val) else None
-    steps = math.ceil(len(x_images) / settings["batch_size"])
-    print(f"Images: {len(x_images)} training ({settings['augment']}), {len(x_val)} validation, {len(x_test)} test")
+        return (x, y), (x[:0], y[:0]), test
+    return (*data.split_data(x, y), test)
 
-    # Model: new, or the stopped run's weights and optimizer state.
-    if args.minutes:
-        train_rate, predict_rate = time_this_machine(settings, x_train)
-        settings["epochs"], epoch_seconds = epoch_budget(args.minutes, train_rate, predict_rate, len(x_images),
-                                                         len(x_val), len(x_test))
-        run_info["timed"] = {"train_images_per_s": round(train_rate, 1), "epoch_seconds": round(epoch_seconds, 1)}
-        print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "
-              f"{settings['epochs']} epochs fit in {args.minutes:g} minutes (the same run again: "
-              f"--epochs {settings['epochs']})")
-        keras.utils.set_random_seed(args.seed)  # the run draws what it would have drawn without the probe
-    if first_epoch:
-        model = load_resume_model(files)
-        if extended and settings["schedule"] == "cosine":
-            model.optimizer.learning_rate = learning_rate(settings, steps)
-            print(f"The cosine schedule is rebuilt over {settings['epochs']} epochs from step "
-                  f"{int(model.optimizer.iterations)}: the learning rate jumps to where the longer run would be")
-        trim_history(files["csv"], first_epoch)
-    else:
-        model = build_model(settings, steps)
-    models.write_json(files["resume_info"], run_info)
 
-    # Train: the CSV row of each epoch, then its checkpoints; Ctrl-C stops between steps.
-    ctrl_c = CtrlC()
-    callbacks = [keras.callbacks.CSVLogger(str(files["csv"]), append=first_epoch > 0),
-                 DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c)]
-    start = time.perf_counter()
-    try:
-        with ctrl_c:
-            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch), steps_per_epoch=steps, shuffle=False,
-                      epochs=settings["epochs"], initial_epoch=first_epoch, validation_data=validation,
-                      callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
-    except KeyboardInterrupt:
-        print(f"\nInterrupted after epoch {run_info['epochs_done']}.")
-        if "best_epoch" in run_info:
-            print(f"The best model so far is {files['best']} (val_accuracy {run_info['best_val_accuracy']:.4f}).")
-        print("Continue with: python train.py --resume" + ("" if args.name == SCRATCH_NAME else f" --name {args.name}"))
-        sys.exit(130)
-    print(f"Training time: {time.perf_counter() - start:.0f} s this session, {run_info['train_seconds']:.0f} s in all")
+def fit_epochs_to_minutes(minutes, settings, run_info, x_train, n_train, n_val, n_test):
+    """--minutes: time this machine, then set settings["epochs"] to what fits."""
+    train_rate, predict_rate = time_this_machine(settings, x_train)
+    settings["epochs"], epoch_seconds = epoch_budget(minutes, train_rate, predict_rate, n_train, n_val, n_test)
+    run_info["timed"] = {"train_images_per_s": round(train_rate, 1), "epoch_seconds": round(epoch_seconds, 1)}
+    print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "
+          f"{settings['epochs']} epochs fit in {minutes:g} minutes (the same run again: --epochs {settings['epochs']})")
 
-    # Record: the final model, then this run's best checkpoint, each with its figures and JSON.
+
+def resume_model(files, settings, steps, extended):
+    """The stopped run's model, weights and optimizer state; a longer cosine run gets its schedule
+    rebuilt over the new length (else the learning rate would sit at 0 after the old end)."""
+    model = load_resume_model(files)
+    if extended and settings["schedule"] == "cosine":
+        model.optimizer.learning_rate = learning_rate(settings, steps)
+        print(f"The cosine schedule is rebuilt over {settings['epochs']} epochs from step "
+              f"{int(model.optimizer.iterations)}: the learning rate jumps to where the longer run would be")
+    return model
+
+
+def record_run(model, args, files, run_info, settings, x_val, y_val, x_test, y_test):
+    """The final model, then this run's best checkpoint, each with its figures and JSON; the plot."""
     models.save_model(model, files["model"], include_optimizer=False)
     figures = record(model, args.name, run_info, settings["epochs"], x_val, y_val, x_test, y_test)
     if run_info.get("best_epoch") == settings["epochs"]:  # the checkpoint holds the final weights
@@ -538,6 +515,56 @@ def main(argv=None):
                x_val, y_val, x_test, y_test)
     plot_history(files["csv"], files["plots"] / "Training_history.png", args.show)
     print(f"History: {files['csv']}, {files['plots'] / 'Training_history.png'}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, settings = parse_args(argv)
+    files, lock = claim(args)  # noqa: F841 (held while the process runs)
+    run_info, settings, extended = begin(args, settings, files, shlex.join(["python", "train.py", *argv]))
+    first_epoch = run_info["epochs_done"]
+    set_up_backend(args.seed, settings, run_info)
+
+    # Data: uint8 images; the training images with their fixed copies (or none: fresh ones every epoch).
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_split(args)
+    one_hot = settings["label_smoothing"] > 0  # the smoothed loss takes one-hot labels
+    encode = (lambda labels: np.eye(models.NUM_CLASSES, dtype=np.float32)[labels]) if one_hot else (lambda v: v)
+    x_images, y_images = training_images(x_train, encode(y_train), settings, args.seed)
+    validation = (models.prepare(x_val), encode(y_val)) if len(x_val) else None
+    steps = math.ceil(len(x_images) / settings["batch_size"])
+    print(f"Images: {len(x_images)} training ({settings['augment']}), {len(x_val)} validation, {len(x_test)} test")
+    if args.minutes:
+        fit_epochs_to_minutes(args.minutes, settings, run_info, x_train, len(x_images), len(x_val), len(x_test))
+        keras.utils.set_random_seed(args.seed)  # the run draws what it would have drawn without the probe
+
+    # Model: new, or the stopped run's.
+    if first_epoch:
+        model = resume_model(files, settings, steps, extended)
+        trim_history(files["csv"], first_epoch)
+    else:
+        model = build_model(settings, steps)
+    models.write_json(files["resume_info"], run_info)
+
+    # Train: after each epoch its CSV row, then its checkpoints; Ctrl-C stops between steps.
+    ctrl_c = CtrlC()
+    callbacks = [keras.callbacks.CSVLogger(str(files["csv"]), append=first_epoch > 0),
+                 DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c)]
+    start = time.perf_counter()
+    try:
+        with ctrl_c:
+            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch), steps_per_epoch=steps,
+                      shuffle=False, epochs=settings["epochs"], initial_epoch=first_epoch,
+                      validation_data=validation, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted after epoch {run_info['epochs_done']}.")
+        if "best_epoch" in run_info:
+            print(f"The best model so far is {files['best']} (val_accuracy {run_info['best_val_accuracy']:.4f}).")
+        print("Continue with: python train.py --resume" + ("" if args.name == SCRATCH_NAME else f" --name {args.name}"))
+        sys.exit(130)
+    print(f"Training time: {time.perf_counter() - start:.0f} s this session, {run_info['train_seconds']:.0f} s in all")
+
+    # Record: the final model and the best checkpoint, evaluated on validation and test.
+    record_run(model, args, files, run_info, settings, x_val, y_val, x_test, y_test)
 
 
 if __name__ == "__main__":

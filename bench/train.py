@@ -1,4 +1,4 @@
-"""Benchmark: training throughput (images per second) of the seed's CNN, settings side by side.
+"""Benchmark: training throughput (images per second) of the original write-up's CNN, settings side by side.
 
     python bench/train.py                   # the default comparison, 3-4 minutes on 2 CPU cores
     python bench/train.py --steps 10        # quicker, noisier
@@ -12,16 +12,15 @@ this one machine; compare them only with each other.
 """
 
 import argparse
-import os
+import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import data  # noqa: E402
+import machine  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 
@@ -39,15 +38,17 @@ SETTINGS = {  # name: (pipeline, batch size, mixed precision: True, False or "au
 def measure(pipeline, batch_size, mixed, x, y, steps):
     """Images per second over `steps` steps, after one untimed epoch of warm-up."""
     keras.backend.clear_session()
-    policy = train.set_precision(mixed, keras)
+    policy = train.set_precision(mixed)
     model = models.build_cnn()
     n = steps * batch_size
     if pipeline == "arrays":
-        images = data.normalize(x[:n])[..., None]
+        images = models.prepare(x[:n])
         fit = lambda epochs: model.fit(images, y[:n], batch_size=batch_size, epochs=epochs, verbose=0)  # noqa: E731
     else:
-        dataset = train.make_online_dataset(x[:n], y[:n], batch_size, 0, 0, keras)
-        fit = lambda epochs: model.fit(dataset, epochs=epochs, verbose=0)  # noqa: E731
+        settings = dict(train.RECIPES["fast"], batch_size=batch_size)
+        stream = train.batches(x[:n], y[:n], settings, seed=0, first_epoch=0)
+        fit = lambda epochs: model.fit(stream, steps_per_epoch=math.ceil(n / batch_size), epochs=epochs, shuffle=False,  # noqa: E731
+                                       verbose=0)
     fit(1)  # compile the step function, fill caches
     start = time.perf_counter()
     fit(2)
@@ -55,12 +56,12 @@ def measure(pipeline, batch_size, mixed, x, y, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Training throughput of the seed's CNN.")
+    parser = argparse.ArgumentParser(description="Training throughput of the original write-up's CNN.")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per epoch, 2 epochs (default: 60)")
     parser.add_argument("--only", nargs="*", help="run only these settings (letters; a, the baseline, always runs)")
     args = parser.parse_args()
     x, y = data.load_data("train")
-    print(f"Machine: {models.device_name()}; Keras {keras.__version__}, backend {keras.backend.backend()}")
+    print(f"Machine: {machine.device_name()}; Keras {keras.__version__}, backend {keras.backend.backend()}")
     results = {}
     for name, (pipeline, batch_size, mixed) in SETTINGS.items():
         if args.only and name[0] not in args.only + ["a"]:

@@ -1,4 +1,4 @@
-"""models.py: the seed's architecture exactly, and safe saving and loading by name."""
+"""models.py: the original write-up's architecture exactly, and safe saving and loading by name."""
 
 import json
 
@@ -37,11 +37,14 @@ def test_layers_and_parameters_are_the_seeds(model):
     assert model.layers[-1].activation.__name__ == "softmax"
 
 
-def test_dropout_presets_are_named_and_applied():
-    rates = [layer.rate for layer in models.build_cnn("full_2", compile=False).layers
+@pytest.mark.parametrize("preset, expected", [
+    ("full_1", [0.3, 0.4, 0.5, 0.5]),  # the original write-up's code, its two runs
+    ("full_2", [0.2, 0.3, 0.5, 0.35]),
+])
+def test_dropout_presets_are_the_original_runs_rates(preset, expected):
+    rates = [layer.rate for layer in models.build_cnn(preset, compile=False).layers
              if isinstance(layer, keras.layers.Dropout)]
-    assert rates == list(models.DROPOUT_PRESETS["full_2"])
-    assert models.DROPOUT_PRESETS["full_1"] != models.DROPOUT_PRESETS["full_2"]
+    assert rates == expected
     with pytest.raises(KeyError):
         models.build_cnn("full_3")
 
@@ -97,7 +100,31 @@ def test_a_model_with_the_wrong_input_shape_is_refused(models_dir):
         models.load_model("cifar")
 
 
-def test_environment_names_the_hardware():
-    info = models.environment()
-    assert info["device"].startswith(("CPU: ", "GPU: "))
-    assert info["keras"] == keras.__version__
+def test_a_name_may_carry_its_suffix_and_each_file_is_listed_once(models_dir, model):
+    models.save_model(model, "evil")
+    models.save_model(model, "evil", suffix=".keras")
+    models.save_model(model, "plain", suffix=".keras")
+    assert models.model_path("evil.h5") == models_dir / "evil.h5"
+    assert models.model_path("evil") == models_dir / "evil.h5"  # .h5 loads when both exist
+    assert models.model_path("plain.keras") == models.model_path("plain") == models_dir / "plain.keras"
+    assert models.model_name("best.h5") == "best"
+    assert models.available_models() == ["evil (evil.h5 loads, evil.keras too)", "plain"]
+    assert models.load_model("plain.keras").count_params() == 3_458_382
+
+
+@pytest.mark.parametrize("content", ['{"test_accuracy": "0.95"}', '{"test_accuracy": [1]}', "null", "[1, 2]",
+                                     '{"test_accuracy": NaN}', "{not json"])
+def test_a_sidecar_json_with_bad_figures_is_ignored_with_a_warning(models_dir, model, content, capsys):
+    models.save_model(model, "odd")
+    (models_dir / "odd.json").write_text(content)
+    info = models.read_info("odd")
+    assert "test_accuracy" not in info
+    assert "warning: ignoring" in capsys.readouterr().err
+
+
+def test_calibrating_keeps_the_argmax_and_temperature_one_changes_nothing():
+    p = np.array([[0.7, 0.2, 0.1], [0.05, 0.9, 0.05]])
+    assert np.allclose(models.calibrate(p, 1.0), p)
+    softer = models.calibrate(p, 2.0)
+    assert np.array_equal(softer.argmax(axis=1), p.argmax(axis=1)) and np.allclose(softer.sum(axis=1), 1)
+    assert softer.max() < p.max()

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import data
+import models
 import predict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +163,7 @@ def test_a_stored_temperature_adds_calibrated_probabilities_beside_the_raw_ones(
     result = json.loads(capsys.readouterr().out)[0]
     raw = np.array([p for _, p in result["top"]])
     calibrated = np.array([p for _, p in result["calibrated_top"]])
-    assert np.allclose(calibrated, predict.calibrate(raw[None], 2.0)[0], atol=2e-4)
+    assert np.allclose(calibrated, models.calibrate(raw[None], 2.0)[0], atol=2e-4)
     assert result["calibrated_probability"] == result["calibrated_top"][0][1]
     assert [c for c, _ in result["calibrated_top"]] == [c for c, _ in result["top"]]
     predict.main(["--model", "tiny", str(tmp_path / "blank.png")])

@@ -45,7 +45,7 @@ def test_temperature_scaling_lowers_the_nll_of_over_confident_probabilities_and_
 
     temperature = test_script.fit_temperature(over_confident, labels)
     assert temperature == pytest.approx(3.0, rel=0.1)  # it undoes the factor 3
-    calibrated = test_script.calibrate(over_confident, temperature)
+    calibrated = models.calibrate(over_confident, temperature)
     assert test_script.nll(calibrated, labels) < test_script.nll(over_confident, labels) - 0.1
     assert test_script.nll(over_confident, labels, temperature) == pytest.approx(test_script.nll(calibrated, labels))
     assert (test_script.expected_calibration_error(calibrated, labels)
