@@ -47,7 +47,7 @@ def test_every_setting_has_a_flag_with_its_defaults_in_the_help(capsys):
     for key, default in train.RECIPES["original"].items():
         assert f"--{key.replace('_', '-')}" in text
         assert f"(default: {default}; fast: {train.RECIPES['fast'][key]})" in text
-    assert "--erase-fill {pixel,box}" in text and "--dropout {full_1,full_2}" in text
+    assert "--erase-fill {pixel,box}" in text and "--dropout {full_1,full_2,fast}" in text
 
 
 @pytest.mark.parametrize("argv, message", [
