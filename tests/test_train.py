@@ -274,7 +274,7 @@ def script(folder, *args, backend="tensorflow", check=True):
 def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(sandbox):
     """`python train.py`, Ctrl-C, `python train.py --resume`, as the README gives them."""
     best = sandbox / "models" / "latest_acc.h5"
-    process = subprocess.Popen([sys.executable, "train.py", "--epochs", "30", "--limit", "300"], cwd=sandbox,
+    process = subprocess.Popen([sys.executable, "train.py", "--epochs", "30", "--limit", "100"], cwd=sandbox,
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not best.exists() and time.time() < deadline:
@@ -293,7 +293,7 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     record = json.loads((sandbox / "models" / "latest.json").read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert record["git_commit"] == head and isinstance(record["git_dirty"], bool)
-    assert record["model"] == "latest" and record["epochs_done"] == done + 1 and record["limit"] == 300
+    assert record["model"] == "latest" and record["epochs_done"] == done + 1 and record["limit"] == 100
     assert record["device"] and record["keras"] == keras.__version__ and record["train_seconds"] > 0
     assert f"Test accuracy: {record['test_accuracy']:.4f}" in out.stdout
     assert keras.models.load_model(sandbox / "models" / "latest.h5").count_params() == 3_458_382
