@@ -5,6 +5,11 @@
     python train.py --recipe fast --name mine        # the one-hour recipe (on a bfloat16 CPU)
     python train.py --epochs 1 --limit 2000 --name smoke   # a quick check
     python train.py --resume --name mine             # continue a stopped run
+    python train.py --distribute --name mine         # one model on every GPU (or device) of this machine
+
+Several machines (JAX): the same command on each, with KERAS_BACKEND=jax and the three
+KERAS_DISTRIBUTION_* variables (README, "More than one device or machine"). --batch-size is the global
+batch whatever the number of devices; process 0 writes the files and prints the epochs.
 
 A run NAME (default "latest") owns its files in models/: NAME.h5 and NAME.json at the end, the
 best validation checkpoint NAME_acc.h5 (+ .json) after every epoch that improves it, the history
@@ -14,10 +19,12 @@ the scratch name, excepted), and two runs of one name cannot run at once.
 """
 
 import argparse
+import contextlib
 import fcntl
 import itertools
 import json
 import math
+import os
 import re
 import shlex
 import signal
@@ -77,6 +84,7 @@ SEED = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SCRATCH_NAME = "latest"  # the default name; a new run replaces it without asking
 SCREENSHOTS_DIR = Path(__file__).resolve().parent / "screenshots"
+JOIN_SECONDS = 60  # how long the processes of a --distribute run wait for each other at the start
 
 
 def parse_args(argv=None):
@@ -102,6 +110,9 @@ def parse_args(argv=None):
                                        f"terminal, else {SCRATCH_NAME})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model of that name")
     parser.add_argument("--resume", action="store_true", help="continue the stopped run NAME")
+    parser.add_argument("--distribute", action="store_true",
+                        help="train one model on every device the backend sees, and with the KERAS_DISTRIBUTION_* "
+                             "variables on several processes or machines (JAX) (default: off)")
     parser.add_argument("--show", action="store_true", help="open the history plot in a window at the end")
     parser.add_argument("--verbose", action="store_true", help="keep the backend's start-up messages")
     args = parser.parse_args(argv)
@@ -227,6 +238,162 @@ def trim_history(csv_path, epochs_done):
     data.write_text(csv_path, "".join(lines[:1 + epochs_done]))
 
 
+# ---- More than one device or machine (--distribute) ----
+
+def distribution_problem(backend, distribute, group):
+    """Why this backend cannot train as asked, with the fix, as a sentence; None when it can.
+    group: machine.ProcessGroup (coordinator None when no KERAS_DISTRIBUTION_* variable is set)."""
+    if group.coordinator and not distribute:
+        return ("the KERAS_DISTRIBUTION_* variables are set: add --distribute to train with the other processes, "
+                "or unset them to train alone")
+    if distribute and backend == "torch":
+        return ("Keras 3 has no distribution API for the torch backend; run with KERAS_BACKEND=jax or tensorflow "
+                "for --distribute")
+    if group.coordinator and backend != "jax":
+        return (f"Keras 3 cannot train across processes with the {backend} backend (MultiWorkerMirroredStrategy "
+                f"fails in fit, keras-team/keras#20585); run every process with KERAS_BACKEND=jax")
+    return None
+
+
+def process_group(args):
+    """This process's place in the run (machine.ProcessGroup): alone, or one of the processes that
+    the KERAS_DISTRIBUTION_* variables name. Exits with one line when it cannot train as asked."""
+    try:
+        group = machine.process_group()
+    except machine.DistributionError as e:
+        sys.exit(f"error: {e}")
+    problem = distribution_problem(keras.backend.backend(), args.distribute, group)
+    if problem:
+        sys.exit(f"error: {problem}")
+    return group
+
+
+def join(group):
+    """Wait for the other processes (before any JAX computation); process 0 alone speaks from here on."""
+    print(f"Process {group.process} of {group.processes}: joining at {group.coordinator[0]}:{group.coordinator[1]} "
+          f"(up to {JOIN_SECONDS:g} s)", flush=True)
+    try:
+        machine.join_processes(group, JOIN_SECONDS)
+    except machine.DistributionError as e:
+        sys.exit(f"error: {e}")
+    if group.process:
+        print(f"Process {group.process} of {group.processes}: joined; process 0 prints the run and writes its files",
+              flush=True)
+        sys.stdout = open(os.devnull, "w")
+
+
+def agree(args, settings, run_info):
+    """Every process takes process 0's settings, seed, data and first epoch (a stopped run's state is on
+    process 0's machine); returns the first epoch."""
+    shared = machine.json_from_process_0(
+        {"settings": settings, "seed": args.seed, "limit": args.limit, "all_data": args.all_data,
+         "minutes": args.minutes, "epochs_done": run_info.get("epochs_done", 0)})
+    settings.update(shared["settings"])
+    args.seed, args.limit, args.all_data, args.minutes = (shared[key] for key in ("seed", "limit", "all_data",
+                                                                                    "minutes"))
+    return shared["epochs_done"]
+
+
+def distribute(group):
+    """Data parallelism over every device the backend sees, in every process: (the scope to build the
+    model in, the devices' names; one replica each). TensorFlow: MirroredStrategy over the GPUs (else
+    the CPU's devices); JAX: Keras's DataParallel, one program over the global batch."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices)
+        scope, local, names = strategy.scope, len(devices), [name.split("device:")[-1] for name in devices]
+    else:
+        import jax
+
+        devices = jax.devices()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
+        scope, local = contextlib.nullcontext, jax.local_device_count()
+        names = [f"{d.platform.upper()}:{d.id}" + (f" (process {d.process_index})" if group.processes > 1 else "")
+                 for d in devices]
+    if len(devices) != local * group.processes:
+        sys.exit(f"error: the processes have different numbers of devices ({len(devices)} in all, {local} here); "
+                 f"give each as many, e.g. one process per GPU with CUDA_VISIBLE_DEVICES")
+    return scope, names
+
+
+def check_batch(batch_size, replicas):
+    """Exit with one line when the global batch does not divide among the replicas."""
+    if batch_size % replicas:
+        lower = batch_size // replicas * replicas
+        sys.exit(f"error: --batch-size {batch_size} does not divide among {replicas} replicas; give a multiple of "
+                 f"{replicas}, e.g. --batch-size {lower or replicas}" + (f" or {lower + replicas}" if lower else ""))
+
+
+def synchronize_batch_norm(model):
+    """Under MirroredStrategy, each replica normalises by its own images' statistics unless told;
+    synchronized, every replica uses the global batch's, as one device would (JAX's DataParallel
+    does so already). save() writes the files without it: other backends refuse the setting."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+@contextlib.contextmanager
+def undistributed():
+    """Inside, no JAX distribution: what is made here lives on this process's own device."""
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(distribution)
+
+
+def save(model, path, **options):
+    """models.save_model, outside any JAX distribution (saving a .keras file builds a throwaway
+    optimizer, whose variables would otherwise be made across all processes, waiting for the
+    others), and with synchronized batch normalisation off in the file."""
+    synchronized = [layer for layer in model.layers if getattr(layer, "synchronized", False)]
+    for layer in synchronized:
+        layer.synchronized = False
+    try:
+        with undistributed():
+            return models.save_model(model, path, **options)
+    finally:
+        for layer in synchronized:
+            layer.synchronized = True
+
+
+def validation_share(x_val, y_val, replicas=1, group=machine.ProcessGroup(None, 1, 0)):
+    """(images, labels) this process validates on: all of them on one device; in a --distribute run
+    the first multiple of the replica count of them (every device takes as many), split among the
+    processes."""
+    share = len(x_val) // replicas * replicas // group.processes
+    part = slice(group.process * share, (group.process + 1) * share)
+    return models.prepare(x_val[part]), y_val[part]
+
+
+def resume_everywhere(files, settings, steps, scope, lead, extended):
+    """--resume --distribute: every process builds the model; process 0 reads the stopped run's weights
+    and optimizer state (on its machine) and every process takes them from it."""
+    with scope():
+        model = build_model(settings, steps)  # the schedule over settings["epochs"], rebuilt if extended
+        model.optimizer.build(model.trainable_variables)
+    variables = [*model.variables, *model.optimizer.variables]
+    values = [np.zeros(v.shape, v.dtype) for v in variables]
+    if lead:
+        with undistributed():  # a copy on this process's device only
+            stopped = load_resume_model(files)
+        saved = [np.asarray(v) for v in [*stopped.variables, *stopped.optimizer.variables]]
+        if [v.shape for v in saved] != [v.shape for v in values]:
+            sys.exit(f"error: the resume state {files['resume']} does not hold this model's weights and optimizer "
+                     f"state; start the run again with --overwrite")
+        values = saved
+        if extended and settings["schedule"] == "cosine":
+            print(f"The cosine schedule is rebuilt over {settings['epochs']} epochs from step "
+                  f"{int(stopped.optimizer.iterations)}: the learning rate jumps to where the longer run would be")
+    for variable, value in zip(variables, machine.from_process_0(values)):
+        variable.assign(value)
+    return model
+
+
 # ---- Training pieces ----
 
 def set_precision(mixed):
@@ -251,23 +418,49 @@ def training_images(x, y, settings, seed):
     return x, y
 
 
-def batches(x, y, settings, seed, first_epoch):
+def feed_plan(n_images, batch_size, replicas=1, process=0, processes=1):
+    """(positions, sizes): the places in each shuffled epoch that this process feeds to the model, and
+    the sizes of its batches. The global batches are of batch_size; the last one is cut to a multiple
+    of the replica count (every device takes as many images; at most replicas - 1 are left out), and
+    each of the processes feeds its own slice of every global batch."""
+    positions, sizes = [], []
+    for start in range(0, n_images, batch_size):
+        share = min(batch_size, n_images - start) // replicas * replicas // processes
+        if share:
+            positions.append(np.arange(start + process * share, start + (process + 1) * share))
+            sizes.append(share)
+    return (np.concatenate(positions) if positions else np.zeros(0, int)), sizes
+
+
+def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=1):
     """(images, labels) batches for the model, epoch after epoch without end, from first_epoch on.
 
     Each epoch is shuffled (and, online, augmented) by its own generator, seeded by (seed, epoch),
     so a resumed run sees exactly the batches the unbroken run would have seen. One stream for
     the whole run (fit's steps_per_epoch marks the epochs), so no batch is drawn for the wrong
     epoch however far ahead the backend reads.
+
+    With --distribute the batches follow feed_plan. One process, on any number of devices, feeds
+    every global batch and augments as above: the same images as on one device. Of several
+    processes, each shuffles alike and feeds its own slice of every batch, flipped and erased
+    (online) from its own stream, seeded by (seed, epoch, process), so no two slices are
+    augmented alike.
     """
-    batch_size = settings["batch_size"]
+    positions, sizes = feed_plan(len(x), settings["batch_size"], replicas, process, processes)
+    online, fill = settings["augment"] == "online", settings["erase_fill"]
     for epoch in itertools.count(first_epoch):
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(x))
-        x_epoch, y_epoch = x[order], y[order]
-        if settings["augment"] == "online":
-            x_epoch = erasing.flip_and_erase(x_epoch, rng, fill=settings["erase_fill"])
-        for start in range(0, len(x), batch_size):
-            yield models.prepare(x_epoch[start:start + batch_size]), y_epoch[start:start + batch_size]
+        if online and processes == 1:
+            x_epoch = erasing.flip_and_erase(x[order], rng, fill=fill)
+            x_epoch = x_epoch[positions] if len(positions) < len(x) else x_epoch
+        else:
+            x_epoch = x[order[positions]]
+            if online:
+                x_epoch = erasing.flip_and_erase(x_epoch, np.random.default_rng([seed, epoch, process]), fill=fill)
+        y_epoch = y[order[positions]]
+        for start, stop in itertools.pairwise(np.cumsum([0, *sizes])):
+            yield models.prepare(x_epoch[start:stop]), y_epoch[start:stop]
 
 
 def learning_rate(settings, steps_per_epoch):
@@ -295,20 +488,23 @@ def epoch_budget(minutes, train_rate, predict_rate, n_train, n_val, n_test):
     return max(1, int((minutes * 60 - final_seconds) // epoch_seconds)), epoch_seconds
 
 
-def time_this_machine(settings, x_train, probe_steps=8):
+def time_this_machine(settings, x_train, probe_steps=8, scope=contextlib.nullcontext, processes=1):
     """(training, prediction) images per second here, timed on a throwaway copy of the model:
-    one untimed pass compiles, a second of `probe_steps` steps is timed."""
-    batch = settings["batch_size"]
-    images = models.prepare(x_train[:probe_steps * batch])
+    one untimed pass compiles, a second of `probe_steps` full batches is timed. Under --distribute
+    the copy is built in `scope`, and each of the processes feeds its share of every batch."""
+    batch = settings["batch_size"] // processes
+    images = models.prepare(np.resize(x_train, (probe_steps * batch, *x_train.shape[1:])))
     labels = np.zeros(len(images), dtype=np.int64)
-    probe = models.build_cnn(settings["dropout"], settings["optimizer"], settings["lr"])
+    with scope():
+        probe = models.build_cnn(settings["dropout"], settings["optimizer"], settings["lr"])
+    predict = probe.evaluate if processes > 1 else probe.predict  # predictions would stay spread over processes
     rates = []
     for step in (lambda: probe.fit(images, labels, batch_size=batch, epochs=1, verbose=0),
-                 lambda: probe.predict(images, batch_size=batch, verbose=0)):
+                 lambda: predict(images, batch_size=batch, verbose=0)):
         step()
         start = time.perf_counter()
         step()
-        rates.append(len(images) / (time.perf_counter() - start))
+        rates.append(processes * len(images) / (time.perf_counter() - start))
     return tuple(rates)
 
 
@@ -378,11 +574,11 @@ class Checkpoints(keras.callbacks.Callback):
         if val_accuracy > self.best:
             self.best = val_accuracy
             self.run_info.update(best_val_accuracy=val_accuracy, best_epoch=epoch + 1)
-            models.save_model(self.model, self.files["best"], include_optimizer=False)
+            save(self.model, self.files["best"], include_optimizer=False)
             print(f"\nEpoch {epoch + 1}: val_accuracy improved to {val_accuracy:.4f}, saved {self.files['best'].name}")
         self.run_info.update(epochs_done=epoch + 1,
                              train_seconds=self.run_info["train_seconds"] + time.perf_counter() - self.epoch_start)
-        models.save_model(self.model, self.files["resume"])
+        save(self.model, self.files["resume"])
         models.write_json(self.files["resume_info"], self.run_info)
         self.ctrl_c.check()
 
@@ -434,10 +630,12 @@ def plot_history(csv_path, png_path, show=False):
     plt.close(fig)
 
 
-def begin(args, settings, files, command):
+def begin(args, settings, files, command, replicas=1):
     """(run_info, settings, extended): a new run's record, or the stopped run's own (its settings and
-    seed; only --epochs may change, `extended` says if it did)."""
+    seed; only --epochs may change, `extended` says if it did). Exits with one line, before writing
+    anything, when the batch does not divide among the replicas."""
     if not args.resume:
+        check_batch(settings["batch_size"], replicas)
         for stale in ("best", "csv", "resume"):  # an earlier run's, if --overwrite allowed it
             files[stale].unlink(missing_ok=True)
         run_info = {"command": command, "recipe": args.recipe, "settings": settings, "seed": args.seed,
@@ -447,6 +645,7 @@ def begin(args, settings, files, command):
     run_info = read_resume_state(files)
     settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
     args.all_data = run_info.get("all_data", False)
+    check_batch(settings["batch_size"], replicas)
     extended = args.epochs is not None and args.epochs != settings["epochs"]
     settings["epochs"] = args.epochs or settings["epochs"]
     run_info.setdefault("resumed_with", []).append(command)
@@ -454,9 +653,10 @@ def begin(args, settings, files, command):
     return run_info, settings, extended
 
 
-def set_up_backend(seed, settings, run_info):
-    """Seed every generator, make TensorFlow deterministic, pick the precision; say what runs where."""
-    keras.utils.set_random_seed(seed)
+def set_up_backend(seed, settings, run_info, devices=None):
+    """Seed every generator, make TensorFlow deterministic, pick the precision; say what runs where
+    (devices: the names of a --distribute run's devices)."""
+    keras.utils.set_random_seed(seed)  # every process of a run alike: they start from one model
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -464,9 +664,18 @@ def set_up_backend(seed, settings, run_info):
     run_info["dtype_policy"] = set_precision(settings["mixed_precision"])
     print(f"Training on {machine.device_name()} (Keras {keras.__version__}, backend {keras.backend.backend()}, "
           f"{run_info['dtype_policy']})")
-    if machine.nvidia_gpu_present() and not machine.accelerators():
+    if devices:
+        replicas, processes = run_info["replicas"], run_info["processes"]
+        print(f"Data parallel on {replicas} replica{'s' * (replicas > 1)} in {processes} "
+              f"process{'es' * (processes > 1)}, {settings['batch_size'] // replicas} images each a step: "
+              f"{', '.join(devices)}")
+    gpus = machine.accelerators()
+    if machine.nvidia_gpu_present() and not gpus:
         print(f"warning: this machine has an NVIDIA GPU that the {keras.backend.backend()} backend does not see; "
-              f"see README, 'More than one device or machine'", file=sys.stderr)
+              f"install the CUDA build (pip install -r requirements-gpu.txt), see README, 'More than one device "
+              f"or machine'", file=sys.stderr)
+    if len(gpus) > 1 and not devices:
+        print(f"This run trains on one of the {len(gpus)} GPUs; --distribute trains on all of them")
 
 
 def load_split(args):
@@ -483,9 +692,12 @@ def load_split(args):
     return (*data.split_data(x, y), test)
 
 
-def fit_epochs_to_minutes(minutes, settings, run_info, x_train, n_train, n_val, n_test):
-    """--minutes: time this machine, then set settings["epochs"] to what fits."""
-    train_rate, predict_rate = time_this_machine(settings, x_train)
+def fit_epochs_to_minutes(minutes, settings, run_info, x_train, n_train, n_val, n_test,
+                          scope=contextlib.nullcontext, processes=1):
+    """--minutes: time this machine, then set settings["epochs"] to what fits (process 0's timing,
+    in every process of the run)."""
+    rates = time_this_machine(settings, x_train, scope=scope, processes=processes)
+    train_rate, predict_rate = machine.from_process_0([np.array(rates)])[0].tolist()
     settings["epochs"], epoch_seconds = epoch_budget(minutes, train_rate, predict_rate, n_train, n_val, n_test)
     run_info["timed"] = {"train_images_per_s": round(train_rate, 1), "epoch_seconds": round(epoch_seconds, 1)}
     print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "
@@ -504,8 +716,13 @@ def resume_model(files, settings, steps, extended):
 
 
 def record_run(model, args, files, run_info, settings, x_val, y_val, x_test, y_test):
-    """The final model, then this run's best checkpoint, each with its figures and JSON; the plot."""
-    models.save_model(model, files["model"], include_optimizer=False)
+    """The final model, then this run's best checkpoint, each with its figures and JSON; the plot.
+    A --distribute run's figures come from the saved file, evaluated here alone on this process's
+    device: the trained model's arrays are spread over every process's devices."""
+    save(model, files["model"], include_optimizer=False)
+    if args.distribute:
+        keras.distribution.set_distribution(None)
+        model = models.load_model(files["model"])
     figures = record(model, args.name, run_info, settings["epochs"], x_val, y_val, x_test, y_test)
     if run_info.get("best_epoch") == settings["epochs"]:  # the checkpoint holds the final weights
         models.write_json(files["best"].with_suffix(".json"), {**figures, "model": f"{args.name}_acc"})
@@ -520,47 +737,74 @@ def record_run(model, args, files, run_info, settings, x_val, y_val, x_test, y_t
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
-    files, lock = claim(args)  # noqa: F841 (held while the process runs)
-    run_info, settings, extended = begin(args, settings, files, shlex.join(["python", "train.py", *argv]))
-    first_epoch = run_info["epochs_done"]
-    set_up_backend(args.seed, settings, run_info)
+    group = process_group(args)  # one process alone, or one of the processes of a --distribute run
+    lead = group.process == 0    # process 0 owns the run's files and prints; the others only train
+    files, lock = claim(args) if lead else (None, None)  # noqa: F841 (held while the process runs)
+    if group.coordinator:
+        join(group)
+    scope, devices = distribute(group) if args.distribute else (contextlib.nullcontext, [])
+    replicas = len(devices) or 1
+    run_info, settings, extended = (begin(args, settings, files, shlex.join(["python", "train.py", *argv]), replicas)
+                                    if lead else ({}, settings, False))
+    first_epoch = agree(args, settings, run_info) if group.processes > 1 else run_info["epochs_done"]
+    run_info.update(replicas=replicas, processes=group.processes)
+    set_up_backend(args.seed, settings, run_info, devices)
 
     # Data: uint8 images; the training images with their fixed copies (or none: fresh ones every epoch).
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = load_split(args)
     one_hot = settings["label_smoothing"] > 0  # the smoothed loss takes one-hot labels
     encode = (lambda labels: np.eye(models.NUM_CLASSES, dtype=np.float32)[labels]) if one_hot else (lambda v: v)
     x_images, y_images = training_images(x_train, encode(y_train), settings, args.seed)
-    validation = (models.prepare(x_val), encode(y_val)) if len(x_val) else None
-    steps = math.ceil(len(x_images) / settings["batch_size"])
+    validation = validation_share(x_val, encode(y_val), replicas, group) if len(x_val) >= replicas else None
+    steps = len(feed_plan(len(x_images), settings["batch_size"], replicas)[1])
+    if not steps:
+        sys.exit(f"error: {len(x_images)} training images are too few for {replicas} replicas; raise --limit")
     print(f"Images: {len(x_images)} training ({settings['augment']}), {len(x_val)} validation, {len(x_test)} test")
     if args.minutes:
-        fit_epochs_to_minutes(args.minutes, settings, run_info, x_train, len(x_images), len(x_val), len(x_test))
+        fit_epochs_to_minutes(args.minutes, settings, run_info, x_train, len(x_images), len(x_val), len(x_test),
+                              scope, group.processes)
         keras.utils.set_random_seed(args.seed)  # the run draws what it would have drawn without the probe
 
-    # Model: new, or the stopped run's.
-    if first_epoch:
+    # Model: new, or the stopped run's; one initial model in every process (the same seed).
+    if first_epoch and args.distribute:
+        model = resume_everywhere(files, settings, steps, scope, lead, extended)
+    elif first_epoch:
         model = resume_model(files, settings, steps, extended)
-        trim_history(files["csv"], first_epoch)
     else:
-        model = build_model(settings, steps)
-    models.write_json(files["resume_info"], run_info)
+        with scope():
+            model = build_model(settings, steps)
+    if args.distribute and keras.backend.backend() == "tensorflow":
+        synchronize_batch_norm(model)
+    if lead:
+        if first_epoch:
+            trim_history(files["csv"], first_epoch)
+        models.write_json(files["resume_info"], run_info)
 
     # Train: after each epoch its CSV row, then its checkpoints; Ctrl-C stops between steps.
     ctrl_c = CtrlC()
-    callbacks = [keras.callbacks.CSVLogger(str(files["csv"]), append=first_epoch > 0),
-                 DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c)]
+    callbacks = ([keras.callbacks.CSVLogger(str(files["csv"]), append=first_epoch > 0),
+                  DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c)] if lead
+                 else [DropoutStreams(args.seed)])
     start = time.perf_counter()
     try:
         with ctrl_c:
-            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch), steps_per_epoch=steps,
-                      shuffle=False, epochs=settings["epochs"], initial_epoch=first_epoch,
-                      validation_data=validation, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch, replicas, group.process,
+                              group.processes),
+                      steps_per_epoch=steps, shuffle=False, epochs=settings["epochs"], initial_epoch=first_epoch,
+                      validation_data=validation, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
+                      validation_batch_size=settings["batch_size"] // group.processes if args.distribute else None)
     except KeyboardInterrupt:
+        if not lead:
+            sys.exit(130)
         print(f"\nInterrupted after epoch {run_info['epochs_done']}.")
         if "best_epoch" in run_info:
             print(f"The best model so far is {files['best']} (val_accuracy {run_info['best_val_accuracy']:.4f}).")
-        print("Continue with: python train.py --resume" + ("" if args.name == SCRATCH_NAME else f" --name {args.name}"))
+        print("Continue with: python train.py --resume" + ("" if args.name == SCRATCH_NAME else f" --name {args.name}")
+              + (" --distribute" if args.distribute else ""))
         sys.exit(130)
+    if not lead:
+        print(f"Process {group.process} of {group.processes}: done", file=sys.__stdout__)
+        return
     print(f"Training time: {time.perf_counter() - start:.0f} s this session, {run_info['train_seconds']:.0f} s in all")
 
     # Record: the final model and the best checkpoint, evaluated on validation and test.
