@@ -329,7 +329,8 @@ def check_batch(batch_size, replicas):
 def synchronize_batch_norm(model):
     """Under MirroredStrategy, each replica normalises by its own images' statistics unless told;
     synchronized, every replica uses the global batch's, as one device would (JAX's DataParallel
-    does so already). save() writes the files without it: other backends refuse the setting."""
+    does so already), though Keras then computes the variance as E[x^2] - E[x]^2, not exactly one
+    device's figures. save() writes the files without it: other backends refuse the setting."""
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
@@ -461,6 +462,17 @@ def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=
         y_epoch = y[order[positions]]
         for start, stop in itertools.pairwise(np.cumsum([0, *sizes])):
             yield models.prepare(x_epoch[start:stop]), y_epoch[start:stop]
+
+
+def mirrored_feed(stream, x, y):
+    """The batches of stream() as a tf.data.Dataset for MirroredStrategy, which makes one iterator of
+    its input more than it reads from: on the shared generator that one's read-ahead would take a
+    batch, and every epoch after the first would start a batch late. Here each iterator gets a
+    stream of its own, from the first batch."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_generator(stream, output_signature=(
+        tf.TensorSpec((None, *x.shape[1:], 1), tf.float32), tf.TensorSpec((None, *y.shape[1:]), y.dtype)))
 
 
 def learning_rate(settings, steps_per_epoch):
@@ -766,6 +778,7 @@ def main(argv=None):
         keras.utils.set_random_seed(args.seed)  # the run draws what it would have drawn without the probe
 
     # Model: new, or the stopped run's; one initial model in every process (the same seed).
+    mirrored = args.distribute and keras.backend.backend() == "tensorflow"  # MirroredStrategy
     if first_epoch and args.distribute:
         model = resume_everywhere(files, settings, steps, scope, lead, extended)
     elif first_epoch:
@@ -773,7 +786,7 @@ def main(argv=None):
     else:
         with scope():
             model = build_model(settings, steps)
-    if args.distribute and keras.backend.backend() == "tensorflow":
+    if mirrored and replicas > 1:
         synchronize_batch_norm(model)
     if lead:
         if first_epoch:
@@ -785,12 +798,13 @@ def main(argv=None):
     callbacks = ([keras.callbacks.CSVLogger(str(files["csv"]), append=first_epoch > 0),
                   DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c)] if lead
                  else [DropoutStreams(args.seed)])
+    stream = lambda: batches(x_images, y_images, settings, args.seed, first_epoch, replicas,  # noqa: E731
+                             group.process, group.processes)
+    feed = mirrored_feed(stream, x_images, y_images) if mirrored else stream()
     start = time.perf_counter()
     try:
         with ctrl_c:
-            model.fit(batches(x_images, y_images, settings, args.seed, first_epoch, replicas, group.process,
-                              group.processes),
-                      steps_per_epoch=steps, shuffle=False, epochs=settings["epochs"], initial_epoch=first_epoch,
+            model.fit(feed, steps_per_epoch=steps, shuffle=False, epochs=settings["epochs"], initial_epoch=first_epoch,
                       validation_data=validation, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
                       validation_batch_size=settings["batch_size"] // group.processes if args.distribute else None)
     except KeyboardInterrupt:

@@ -99,6 +99,23 @@ def test_two_processes_share_each_batch_and_augment_from_their_own_streams():
         assert np.array_equal(np.concatenate([h[0] for h in halves]), whole[0])
 
 
+def test_mirrored_strategy_gets_a_whole_stream_for_every_iterator_it_makes():
+    """MirroredStrategy makes an iterator of its input that it does not read from; its read-ahead
+    must not take batches from the one that trains (the first epoch's would be lost, and every
+    later epoch would start late)."""
+    x = np.random.default_rng(2).integers(0, 256, (100, 28, 28), dtype=np.uint8)
+    y = np.arange(100)
+    settings = dict(train.RECIPES["original"], batch_size=30)
+    stream = lambda: train.batches(x, y, settings, seed=4, first_epoch=0)  # noqa: E731
+    feed = train.mirrored_feed(stream, x, y)
+    ahead = iter(feed)
+    [next(ahead) for _ in range(3)]
+    expected = stream()
+    for images, labels in feed.take(9):  # two epochs and more
+        want = next(expected)
+        assert np.array_equal(labels.numpy(), want[1]) and np.array_equal(images.numpy(), want[0])
+
+
 @pytest.mark.parametrize("backend, distribute, variables, expected", [
     ("tensorflow", True, False, None),
     ("jax", True, True, None),
