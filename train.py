@@ -520,16 +520,18 @@ def time_this_machine(settings, x_train, probe_steps=8, scope=contextlib.nullcon
     return tuple(rates)
 
 
-class CtrlC:
+class CtrlC(keras.callbacks.Callback):
     """Ctrl-C during training: stop after the current step, never inside a checkpoint save.
 
     Python's own KeyboardInterrupt fires wherever the interpreter happens to be, and one
     that fires inside a finalizer run by the garbage collector is printed and dropped, so
     training would go on. Here the handler only sets a flag; the callback raises
-    KeyboardInterrupt between steps. A second Ctrl-C raises at once.
+    KeyboardInterrupt between steps (and Checkpoints after its saves). A second Ctrl-C
+    raises at once.
     """
 
     def __init__(self):
+        super().__init__()
         self.pressed = False
 
     def __enter__(self):
@@ -547,6 +549,12 @@ class CtrlC:
     def check(self):
         if self.pressed:
             raise KeyboardInterrupt
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.check()
 
 
 class DropoutStreams(keras.callbacks.Callback):
@@ -592,12 +600,6 @@ class Checkpoints(keras.callbacks.Callback):
                              train_seconds=self.run_info["train_seconds"] + time.perf_counter() - self.epoch_start)
         save(self.model, self.files["resume"])
         models.write_json(self.files["resume_info"], self.run_info)
-        self.ctrl_c.check()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.ctrl_c.check()
-
-    def on_test_batch_end(self, batch, logs=None):
         self.ctrl_c.check()
 
 
@@ -796,8 +798,8 @@ def main(argv=None):
     # Train: after each epoch its CSV row, then its checkpoints; Ctrl-C stops between steps.
     ctrl_c = CtrlC()
     callbacks = ([keras.callbacks.CSVLogger(str(files["csv"]), append=first_epoch > 0),
-                  DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c)] if lead
-                 else [DropoutStreams(args.seed)])
+                  DropoutStreams(args.seed), Checkpoints(files, run_info, ctrl_c), ctrl_c] if lead
+                 else [DropoutStreams(args.seed), ctrl_c])
     stream = lambda: batches(x_images, y_images, settings, args.seed, first_epoch, replicas,  # noqa: E731
                              group.process, group.processes)
     feed = mirrored_feed(stream, x_images, y_images) if mirrored else stream()
