@@ -13,8 +13,11 @@ run: setup data
 	$(PY) knn.py
 	$(PY) test.py best
 
+# Two test processes (TEST_WORKERS=1: one); tests that share a fixture's runs stay in one process.
+TEST_WORKERS ?= 2
+
 test: setup data $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 setup: $(VENV)/.installed
 

@@ -167,7 +167,6 @@ def main(argv=None):
         except OSError as e:
             sys.exit(f"error: cannot write to {args.save_prepared}: {e.strerror or e}")
 
-
     name = models.model_name(args.model)
     try:
         model = models.load_model(name)

@@ -9,40 +9,24 @@ pytest's cache folder for the next time, and without TensorFlow, as on a machine
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-import data
 import erasing
 import machine
+import sandbox
 import train
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["data.py", "erasing.py", "machine.py", "models.py", "train.py"]
 # 47 images: 40 train (80 with one copy each, two batches of 40 an epoch), 7 validate (6 in a run of
 # two replicas: every device takes as many).
 SMALL = ["--limit", "47", "--augment-copies", "1", "--batch-size", "40"]
 SMALL_ALL = ["--limit", "40", "--all-data", "--augment-copies", "1", "--batch-size", "40"]  # the same 40, no validation
-# train.py with the test images cut to 500 (these runs test what is written and how it trains, not
-# accuracy) and the processes' joining time from the environment.
-RUNNER = """
-import os, sys
-if os.environ["KERAS_BACKEND"] == "jax":
-    sys.modules["tensorflow"] = None  # JAX alone: Keras would import TensorFlow only to seed it
-import data
-load_data = data.load_data
-data.load_data = lambda kind: tuple(a[:500] if kind == "t10k" else a for a in load_data(kind))
-import train
-train.JOIN_SECONDS = float(os.environ["JOIN_SECONDS"])
-train.main(sys.argv[1:])
-"""
+pytestmark = pytest.mark.xdist_group("distribute")  # under pytest-xdist: one process starts the runs once
 
 
 # ---- Pure parts ----
@@ -219,22 +203,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sandbox(folder):
-    """A copy of the scripts (data/ linked): one machine's disk."""
-    folder.mkdir()
-    for script in SCRIPTS:
-        (folder / script).write_bytes((ROOT / script).read_bytes())
-    (folder / "run_train.py").write_text(RUNNER)
-    (folder / "data").symlink_to(data.DATA_DIR)
-    return folder
-
-
 class Run:
     """train.py started in the background in `folder`; finish() waits for it."""
 
     def __init__(self, folder, *args, backend="jax", join_seconds=240, devices=1, **env):
-        env = {**os.environ, "KERAS_BACKEND": backend, "JOIN_SECONDS": str(join_seconds),
-               "GIT_DIR": str(ROOT / ".git"), "GIT_WORK_TREE": str(ROOT), **env}
+        env = sandbox.environment(KERAS_BACKEND=backend, JOIN_SECONDS=str(join_seconds), **env)
         if backend == "jax":  # compiling optimised code would take most of these short runs' time
             env["XLA_FLAGS"] = (f"--xla_backend_optimization_level=0 "
                                 f"--xla_force_host_platform_device_count={devices}")
@@ -275,7 +248,7 @@ class Runs:
     shapes (or in a later session) skips most of its compiling."""
 
     def __init__(self, base, cache):
-        self.one, self.two = sandbox(base / "machine1"), sandbox(base / "machine2")
+        self.one, self.two = sandbox.make(base / "machine1"), sandbox.make(base / "machine2")
         self.cache = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         self.started = {}
 
@@ -315,7 +288,6 @@ class Runs:
 def runs(tmp_path_factory, pytestconfig):
     """The reference, TensorFlow's run and the lonely processes start at once; the JAX runs of
     several replicas as the tests ask for them."""
-    data.get_data("train"), data.get_data("t10k")
     runs = Runs(tmp_path_factory.mktemp("distribute"), pytestconfig.cache.mkdir("jax-compilation-cache"))
     for name in ("one_device", "mirrored", "unreachable", "alone"):
         runs.get(name)
@@ -358,7 +330,9 @@ def assert_one_set_of_files(folder, name, validated=True):
 
 
 def test_one_process_on_two_jax_devices_trains_as_one_device_does(runs):
-    runs.get("one_device").finish()
+    one = runs.get("one_device").finish()  # plain train.py under JAX: its model loads under TensorFlow
+    assert "backend jax" in one.stdout and "Data parallel" not in one.stdout
+    assert_one_set_of_files(runs.one, "one_device", validated=False)
     runs.get("machines")  # starts now, to share the cores with this one
     run = runs.get("two_devices").finish()
     assert "Data parallel on 2 replicas in 1 process, 20 images each a step: CPU:0, CPU:1" in run.stdout

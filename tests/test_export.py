@@ -1,5 +1,7 @@
 """export.py: each format is written, runs in its own runtime and agrees with Keras."""
 
+import shutil
+
 import keras
 import numpy as np
 import pytest
@@ -11,11 +13,10 @@ import models
 N_IMAGES = 300  # test images compared: a few hundred keeps each round trip to seconds
 
 
-@pytest.fixture
-def models_dir(tmp_path, monkeypatch):
-    """models/ of its own with `small`: a little CNN trained for one pass, under mixed precision
-    as the shipped models were, so the export's float32 copy is exercised too."""
-    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+@pytest.fixture(scope="module")
+def small_h5(tmp_path_factory):
+    """A little CNN trained for one pass, under mixed precision as the shipped models were, so the
+    export's float32 copy is exercised too; trained once for this file's tests."""
     keras.utils.set_random_seed(0)
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
@@ -32,7 +33,16 @@ def models_dir(tmp_path, monkeypatch):
     x, y = data.load_data("train")
     small.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     small.fit(data.normalize(x[:2000])[..., None], y[:2000], epochs=1, batch_size=100, verbose=0)
-    small.save(tmp_path / "small.h5")
+    path = tmp_path_factory.mktemp("trained") / "small.h5"
+    small.save(path)
+    return path
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch, small_h5):
+    """models/ of its own, with `small` in it."""
+    monkeypatch.setattr(models, "MODELS_DIR", tmp_path)
+    shutil.copy(small_h5, tmp_path / "small.h5")
     return tmp_path
 
 

@@ -149,8 +149,6 @@ def test_missing_paths_and_unknown_models_are_one_line(tmp_path):
 def test_a_stored_temperature_adds_calibrated_probabilities_beside_the_raw_ones(tmp_path, monkeypatch, capsys):
     import keras
 
-    import models
-
     monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "models")
     keras.utils.set_random_seed(0)
     tiny = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),

@@ -1,15 +1,14 @@
 """train.py: its pure parts in-process, whole runs on small subsets, and the paths a user takes.
 
 Runs happen in-process where they can (train.main with models/ and screenshots/ moved to a
-temporary folder), and as subprocesses where the process itself matters: the command exactly as
-the README gives it, Ctrl-C, another Keras backend.
+temporary folder), and as a subprocess where the process itself matters: the commands as the README
+gives them, Ctrl-C. Runs under JAX are in test_distribute.py.
 """
 
 import fcntl
 import gc
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -23,11 +22,13 @@ import pytest
 
 import data
 import models
+import sandbox
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["data.py", "erasing.py", "machine.py", "models.py", "train.py", "test.py"]
-TINY = ["--epochs", "1", "--limit", "100"]  # 85 images train (255 with the copies), 15 validate
+# Whole batches only (a smaller last batch would cost another trace of the training step).
+TINY = ["--epochs", "1", "--limit", "40", "--batch-size", "51"]  # 34 train (2 steps of 51 with the copies), 6 validate
+SMALL = ["--limit", "60", "--batch-size", "51"]  # 51 train (3 steps of 51 with the copies), 9 validate
 
 
 # ---- Pure parts ----
@@ -121,9 +122,9 @@ def test_batches_cover_each_epoch_once_seeded_by_seed_and_epoch():
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """models/ and screenshots/ in a temporary folder; the data is the project's, with the first
-    500 test images standing for the 10,000 (these runs test what is written, not accuracy)."""
+    200 test images standing for the 10,000 (these runs test what is written, not accuracy)."""
     load_data = data.load_data
-    monkeypatch.setattr(data, "load_data", lambda kind: tuple(a[:500] if kind == "t10k" else a
+    monkeypatch.setattr(data, "load_data", lambda kind: tuple(a[:200] if kind == "t10k" else a
                                                               for a in load_data(kind)))
     monkeypatch.setattr(models, "MODELS_DIR", tmp_path / "models")
     monkeypatch.setattr(train, "SCREENSHOTS_DIR", tmp_path / "screenshots")
@@ -157,8 +158,8 @@ def weights(path):
 
 
 def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project):
-    run("--epochs", "2", "--limit", "200", "--name", "whole")
-    run("--epochs", "1", "--limit", "200", "--name", "split")
+    run("--epochs", "2", *SMALL, "--name", "whole")
+    run("--epochs", "1", *SMALL, "--name", "split")
     run("--resume", "--epochs", "2", "--name", "split")
     for a, b in zip(weights(project / "models" / "whole.h5"), weights(project / "models" / "split.h5")):
         assert np.array_equal(a, b)
@@ -166,14 +167,14 @@ def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project)
     whole, split = info("whole"), info("split")
     assert split["epochs_done"] == 2 and split["resumed_with"] == ["python train.py --resume --epochs 2 --name split"]
     assert (whole["test_accuracy"], whole["val_loss"]) == (split["test_accuracy"], split["val_loss"])
-    assert whole["command"] == "python train.py --epochs 2 --limit 200 --name whole"
+    assert whole["command"] == "python train.py --epochs 2 --limit 60 --batch-size 51 --name whole"
     assert whole["settings"]["erase_fill"] == "box" and whole["settings"]["dropout"] == "full_1"
     # C starts after `whole` ended, and stops before its first epoch ends: its resume state,
     # written when it started, says 0 epochs done. --resume continues C, not `whole`.
-    args, settings = train.parse_args(["--epochs", "1", "--limit", "200", "--seed", "9", "--name", "C"])
+    args, settings = train.parse_args(["--epochs", "1", *TINY[2:], "--seed", "9", "--name", "C"])
     train.claim(args)[1].close()
     models.write_json(train.run_files("C")["resume_info"],
-                      {"command": "...", "recipe": "original", "settings": settings, "seed": 9, "limit": 200,
+                      {"command": "...", "recipe": "original", "settings": settings, "seed": 9, "limit": 40,
                        "all_data": False, "epochs_done": 0, "train_seconds": 0.0})
     run("--resume", "--name", "C")
     assert info("C")["seed"] == 9 and info("C")["epochs_done"] == 1
@@ -182,9 +183,12 @@ def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project)
 
 
 def test_latest_is_replaced_but_a_named_model_only_with_overwrite(project):
-    run(*TINY)
+    models.MODELS_DIR.mkdir()
+    for name in ("latest.h5", "latest.csv", "latest_acc.h5", "latest.json"):  # an earlier run's
+        (models.MODELS_DIR / name).write_text("earlier")
     run(*TINY, "--seed", "3")
     assert info("latest")["seed"] == 3 and info("latest_acc")["best_epoch"] == 1
+    assert (project / "models" / "latest.csv").read_text().count("\n") == 2  # header and epoch 0
     for name in ("latest.h5", "latest.csv", "latest_acc.h5", "latest_resume.keras"):
         assert (project / "models" / name).is_file(), name
     assert (project / "screenshots" / "latest" / "Training_history.png").stat().st_size > 10_000
@@ -226,19 +230,19 @@ def test_folders_are_checked_before_training(project):
 
 
 def test_extending_a_cosine_run_rebuilds_its_schedule(project, capsys):
-    run("--recipe", "fast", "--epochs", "1", "--limit", "300", "--name", "f")
+    run("--recipe", "fast", "--epochs", "1", "--limit", "60", "--batch-size", "17", "--name", "f")
     run("--resume", "--epochs", "3", "--name", "f")
     assert "The cosine schedule is rebuilt over 3 epochs" in capsys.readouterr().out
     optimizer = keras.models.load_model(project / "models" / "f_resume.keras").optimizer
     steps = int(optimizer.iterations)
-    assert steps == 3 * math.ceil(255 / 250)
+    assert steps == 3 * (51 // 17)  # the fast recipe: no copies
     schedule = optimizer._learning_rate  # the schedule itself, to read it at every step
     rates = [float(schedule(step)) for step in range(steps)]
-    assert all(rate > 0 for rate in rates[:-1]) and rates[2] == pytest.approx(2e-3)
+    assert all(rate > 0 for rate in rates[:-1]) and rates[3] == pytest.approx(2e-3)
 
 
 def test_all_data_and_minutes(project):
-    run("--recipe", "fast", "--all-data", "--minutes", "0.1", "--limit", "200", "--name", "everything")
+    run("--recipe", "fast", "--all-data", "--minutes", "0.05", *TINY[2:], "--name", "everything")
     record = info("everything")
     assert record["all_data"] is True and record["val_accuracy"] is None and "best_epoch" not in record
     assert not (project / "models" / "everything_acc.h5").exists()
@@ -250,59 +254,37 @@ def test_all_data_and_minutes(project):
 
 # ---- Whole runs, as separate processes ----
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
-    """The scripts copied to a temporary folder (data/ linked), so runs never touch the project's files."""
-    data.get_data("train"), data.get_data("t10k")
-    folder = tmp_path_factory.mktemp("project")
-    for script in SCRIPTS:
-        shutil.copy(ROOT / script, folder / script)
-    (folder / "data").symlink_to(data.DATA_DIR)
-    return folder
-
-
-def script(folder, *args, backend="tensorflow", check=True):
-    # GIT_DIR: the copy reports the commit of the checkout it was copied from.
-    env = {**os.environ, "KERAS_BACKEND": backend, "GIT_DIR": str(ROOT / ".git"), "GIT_WORK_TREE": str(ROOT)}
-    out = subprocess.run([sys.executable, *args], cwd=folder, env=env, stdin=subprocess.DEVNULL,
-                         capture_output=True, text=True, timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
-def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(sandbox):
-    """`python train.py`, Ctrl-C, `python train.py --resume`, as the README gives them."""
-    best = sandbox / "models" / "latest_acc.h5"
-    process = subprocess.Popen([sys.executable, "train.py", "--epochs", "30", "--limit", "100"], cwd=sandbox,
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(tmp_path):
+    """`python train.py`, Ctrl-C, `python train.py --resume`, as the README gives them (in a copy of
+    the scripts, test images cut to 200)."""
+    folder = sandbox.make(tmp_path / "project")
+    best = folder / "models" / "latest_acc.h5"
+    process = subprocess.Popen([sys.executable, "run_train.py", "--epochs", "30", *TINY[2:]], cwd=folder,
+                               env=sandbox.environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not best.exists() and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr[-2000:]
     assert "Continue with: python train.py --resume\n" in stdout and "Traceback" not in stderr
     assert keras.models.load_model(best).count_params() == 3_458_382
-    assert not (sandbox / "models" / "latest.h5").exists()
-    done = json.loads((sandbox / "models" / "latest_resume.json").read_text())["epochs_done"]
-    out = script(sandbox, "train.py", "--resume", "--epochs", str(done + 1))
+    assert not (folder / "models" / "latest.h5").exists()
+    done = json.loads((folder / "models" / "latest_resume.json").read_text())["epochs_done"]
+    out = subprocess.run([sys.executable, "run_train.py", "--resume", "--epochs", str(done + 1)], cwd=folder,
+                         env=sandbox.environment(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert f"Resuming latest after epoch {done} of {done + 1}" in out.stdout
-    history = np.genfromtxt(sandbox / "models" / "latest.csv", delimiter=",", names=True)
+    history = np.genfromtxt(folder / "models" / "latest.csv", delimiter=",", names=True)
     assert history["epoch"].tolist() == list(range(done + 1))
-    record = json.loads((sandbox / "models" / "latest.json").read_text())
+    record = json.loads((folder / "models" / "latest.json").read_text())
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert record["git_commit"] == head and isinstance(record["git_dirty"], bool)
-    assert record["model"] == "latest" and record["epochs_done"] == done + 1 and record["limit"] == 100
+    assert record["model"] == "latest" and record["epochs_done"] == done + 1 and record["limit"] == 40
     assert record["device"] and record["keras"] == keras.__version__ and record["train_seconds"] > 0
     assert f"Test accuracy: {record['test_accuracy']:.4f}" in out.stdout
-    assert keras.models.load_model(sandbox / "models" / "latest.h5").count_params() == 3_458_382
+    assert keras.models.load_model(folder / "models" / "latest.h5").count_params() == 3_458_382
     for noise in ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN", "absl::InitializeLog", "Traceback"):
         assert noise not in out.stderr + stderr, out.stderr
-
-
-def test_jax_backend_trains_and_its_model_loads_here(sandbox):
-    out = script(sandbox, "train.py", *TINY, "--name", "jax_smoke", backend="jax")
-    assert "backend jax" in out.stdout
-    model = keras.models.load_model(sandbox / "models" / "jax_smoke.h5")  # loaded under TensorFlow
-    assert model.count_params() == 3_458_382
