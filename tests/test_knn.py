@@ -103,6 +103,7 @@ def test_numba_kernel_gives_the_numpy_neighbours_bit_for_bit(fashion, reference_
     assert np.array_equal(knn.neighbours_numba(x_test[100:164], x_train, k, isa), reference_8[:, :k])
 
 
+@pytest.mark.xdist_group("numba")
 def test_equal_distances_are_taken_in_training_order():
     x_train = np.array([[5], [3], [7], [3], [3], [9]], dtype=np.uint8)  # distances 0,2,2,2,... from 5
     x_query = np.array([[5], [3]], dtype=np.uint8)
@@ -116,6 +117,7 @@ def test_a_tied_vote_goes_to_the_smallest_label():
     assert knn.vote(labels).tolist() == [2, 4, 0]
 
 
+@pytest.mark.xdist_group("numba")
 def test_exact_figure_on_a_fixed_subset_with_the_numpy_reference(fashion):
     x_train, y_train, x_test, y_test = fashion
     predictions = knn.predict(x_test[:200], x_train, y_train, backend="numpy")
@@ -124,11 +126,6 @@ def test_exact_figure_on_a_fixed_subset_with_the_numpy_reference(fashion):
     assert np.array_equal(predictions, knn.predict(x_test[:200], x_train, y_train, backend="numba"))
 
 
-def test_full_test_set_gives_the_seeds_accuracy():
-    out = run_knn()
-    assert out.returncode == 0, out.stderr
-    assert "Test accuracy: 0.8623" in out.stdout.splitlines()
-    assert "backend=numba" in out.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -145,6 +142,7 @@ def test_bad_options_are_refused_with_one_line_before_any_work(args, message):
     assert out.stdout == ""  # nothing loaded, nothing compiled
 
 
+@pytest.mark.xdist_group("numba")
 def test_predict_refuses_more_neighbours_than_training_images(fashion):
     x_train, y_train, x_test, _ = fashion
     for backend in ("numpy", "numba"):
@@ -161,11 +159,19 @@ def test_an_instruction_set_the_cpu_lacks_is_refused_not_compiled():
 
 @pytest.fixture(scope="module")
 def kernel_cache(tmp_path_factory):
-    """A new numba cache folder after two runs of `knn.py --limit 20`: (folder, first stdout, second stdout)."""
+    """A new numba cache folder after `knn.py` (the whole test set) and `knn.py --limit 20`:
+    (folder, first stdout, second stdout)."""
     folder = tmp_path_factory.mktemp("numba-cache")
-    first, second = (run_knn("--limit", "20", NUMBA_CACHE_DIR=str(folder)) for _ in range(2))
+    first, second = (run_knn(*args, NUMBA_CACHE_DIR=str(folder)) for args in ([], ["--limit", "20"]))
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     return folder, first.stdout, second.stdout
+
+
+@pytest.mark.xdist_group("kernel_cache")
+def test_full_test_set_gives_the_seeds_accuracy(kernel_cache):
+    first = kernel_cache[1].splitlines()
+    assert "Test accuracy: 0.8623" in first
+    assert any(line.startswith("Settings: ") and " backend=numba " in line for line in first)
 
 
 @pytest.mark.xdist_group("kernel_cache")  # under pytest-xdist: one process makes the cache once
@@ -175,8 +181,6 @@ def test_the_kernel_is_compiled_once_then_loaded_from_the_disk_cache(kernel_cach
     assert list(folder.rglob("knn.top_k_l1-*.nbi")) and list(folder.rglob("knn.top_k_l1-*.nbc"))
     # From numba's dispatcher stats in the second process: cache hits and no miss, so nothing compiled.
     assert f", loaded from the cache in {folder}" in second
-    accuracy = [line for line in first.splitlines() if line.startswith("Test accuracy: ")]
-    assert accuracy and accuracy == [line for line in second.splitlines() if line.startswith("Test accuracy: ")]
 
 
 @pytest.mark.xdist_group("kernel_cache")
