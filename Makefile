@@ -21,15 +21,14 @@ test: setup data $(VENV)/.test-installed
 
 setup: $(VENV)/.installed
 
-# --no-compile: Python compiles a module when it is first imported (a third of the install time saved).
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
-	$(PY) -m pip install --quiet --no-compile -r requirements-test.txt
+	$(PY) -m pip install --quiet -r requirements-test.txt
 	touch $@
 
 data: setup system-data
