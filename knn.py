@@ -10,7 +10,11 @@ vote goes to the smallest label, so the result is deterministic:
 Two back-ends give the same neighbours bit for bit: "numpy" (the reference)
 and "numba" (a compiled kernel that uses the CPU's sum-of-absolute-differences
 instruction, `psadbw`, on blocks of test rows against the training set; both
-cores). "auto" picks numba when it is installed.
+cores). The kernel sums the pixels in order of their variance over the
+training images and stops summing a training image once its partial distance
+reaches the k-th nearest found so far: it could no longer be a neighbour, so
+the result is unchanged, and most of each row is never read (about 1.3x
+faster here). "auto" picks numba when it is installed.
 
 numba compiles the kernel on the first run (seconds) and keeps the machine
 code on disk, in __pycache__ beside this file (or in NUMBA_CACHE_DIR), so later
@@ -42,11 +46,12 @@ except ImportError:
 K = 5  # neighbours that vote
 METRIC = "l1"  # l1 (Manhattan, the seed's) or l2 (Euclidean)
 BACKEND = "auto"  # auto: numba if it is installed, else numpy
-CHUNK = 500  # test images per progress step
+CHUNK = 1000  # test images per progress step
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000  # Fashion-MNIST's split sizes, to check options before loading
 PAD = 64  # the kernel reads rows in 64-byte pieces (one AVX-512 register)
 QUERY_ROWS = 16  # test rows per parallel task of the kernel
 TRAIN_TILE = 512  # training rows the kernel scans per test row in turn (~420 KB, stays in L2)
+CHECK_BYTES = 384  # the kernel compares a partial distance with the k-th best so far every this many bytes
 # Instruction sets the kernel has a variant for: bytes per instruction, and the LLVM intrinsic that
 # sums absolute differences (psadbw); "portable" leaves the choice of instructions to LLVM.
 ISAS = {
@@ -56,17 +61,27 @@ ISAS = {
 }
 
 
-def flatten(images):
-    """(n, ...) uint8 -> (n, width) C-contiguous uint8: the pixels, zero-padded to a multiple of PAD.
+def flatten(images, order=None):
+    """(n, ...) uint8 -> (n, width) C-contiguous uint8: the pixels (in `order`, if given), zero-padded
+    to a multiple of PAD.
 
     28x28 images give rows of 832 bytes.
 
-    Padding both sides with zeros adds nothing to any distance.
+    Padding with zeros adds nothing to any distance, and neither does putting every row's pixels in
+    the same order.
     """
     pixels = images[0].size if len(images) else 0
     flat = np.zeros((len(images), -(-pixels // PAD) * PAD), dtype=np.uint8)
-    flat[:, :pixels] = images.reshape(len(images), pixels)  # a copy: the kernel reads contiguous rows
+    rows = images.reshape(len(images), pixels)
+    flat[:, :pixels] = rows if order is None else rows[:, order]  # a copy: the kernel reads contiguous rows
     return flat
+
+
+def pixel_order(x_train):
+    """The pixel positions from the most varied over the training images to the least: in that order
+    a partial distance grows fastest, and the kernel can stop summing a far training image early."""
+    sample = x_train.reshape(len(x_train), -1)[::max(1, len(x_train) // 6000)]  # enough to rank them
+    return np.argsort(-sample.var(axis=0), kind="stable")
 
 
 def select(dist, k):
@@ -141,20 +156,23 @@ def cached_kernel(kernel):
         return numba.njit(parallel=True)(kernel)
 
 
-def row_records(images, isa):
-    """(n, ...) uint8 -> (n,) records, one padded row of pixels each, the record's one field named isa.
+def row_records(images, isa, order=None):
+    """(n, ...) uint8 -> (n,) records, one padded row of pixels (in `order`) each, the record's one
+    field named isa.
 
     The row width (the record's size) and the instruction set (its field name) are then part of the
     kernel's argument types: numba compiles, and caches, one kernel per (isa, width), unrolled for that
     width, and never serves the machine code of one to another.
     """
-    flat = flatten(images)
+    flat = flatten(images, order)
     return flat.view(np.dtype([(isa, np.uint8, (flat.shape[1],))])).reshape(len(flat))
 
 
 @intrinsic
-def row_l1(typingctx, a, a_row, b, b_row):
-    """sum |a[a_row] - b[b_row]| over the bytes of two row records (see row_records), as int64."""
+def row_l1(typingctx, a, a_row, b, b_row, bound):
+    """sum |a[a_row] - b[b_row]| over the bytes of two row records (see row_records), as int64; or,
+    once a partial sum (taken every CHECK_BYTES) reaches `bound`, that partial sum (>= bound, so the
+    caller's `d < bound` is false either way: the same neighbours, with less of the row summed)."""
     if not (isinstance(a, numba.types.Array) and isinstance(a.dtype, numba.types.Record) and b == a):
         return None
     (isa,) = a.dtype.fields
@@ -173,6 +191,16 @@ def row_l1(typingctx, a, a_row, b, b_row):
         for array_t, array, row in ((signature.args[0], args[0], args[1]), (signature.args[2], args[2], args[3])):
             data = builder.bitcast(context.make_array(array_t)(context, builder, array).data, i8.as_pointer())
             rows.append(builder.gep(data, [builder.mul(row, ir.Constant(i64, width))]))
+        done = builder.append_basic_block("row_l1.done")
+        exits = []  # (sum, block) of every way to `done`
+
+        def summed(total):
+            vector_t = total.type  # <N x iB>
+            reduce = declare(builder.module, f"llvm.vector.reduce.add.v{vector_t.count}i{vector_t.element.width}",
+                             vector_t.element, [vector_t])
+            result = builder.call(reduce, [total])
+            return builder.zext(result, i64) if result.type != i64 else result
+
         total = None
         for offset in range(0, width, lanes):
             loads = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, offset)]), bytes_t.as_pointer()),
@@ -187,13 +215,22 @@ def row_l1(typingctx, a, a_row, b, b_row):
                 low = builder.call(declare(builder.module, f"llvm.umin.{suffix}", bytes_t, [bytes_t] * 2), loads)
                 part = builder.zext(builder.sub(high, low), sums_t)
             total = part if total is None else builder.add(total, part)
-        vector_t = total.type  # <N x iB>
-        reduce = declare(builder.module, f"llvm.vector.reduce.add.v{vector_t.count}i{vector_t.element.width}",
-                         vector_t.element, [vector_t])
-        result = builder.call(reduce, [total])
-        return builder.zext(result, i64) if result.type != i64 else result
+            end = offset + lanes
+            if end % CHECK_BYTES == 0 and end < width:  # far enough already? then stop here
+                partial = summed(total)
+                more = builder.append_basic_block("row_l1.more")
+                exits.append((partial, builder.block))
+                builder.cbranch(builder.icmp_signed(">=", partial, args[4]), done, more)
+                builder.position_at_end(more)
+        exits.append((summed(total), builder.block))
+        builder.branch(done)
+        builder.position_at_end(done)
+        result = builder.phi(i64)
+        for value, block in exits:
+            result.add_incoming(value, block)
+        return result
 
-    return numba.types.int64(a, numba.types.intp, b, numba.types.intp), codegen
+    return numba.types.int64(a, numba.types.intp, b, numba.types.intp, numba.types.int64), codegen
 
 
 @cached_kernel
@@ -213,7 +250,7 @@ def top_k_l1(x_query, x_train, k, out_index):
                 r = q - q0
                 worst = best_dist[r, k - 1]
                 for j in range(t0, min(t0 + TRAIN_TILE, n_train)):
-                    d = row_l1(x_query, q, x_train, j)
+                    d = row_l1(x_query, q, x_train, j, worst)
                     if d < worst:  # strict: an equal distance later in training order loses
                         p = k - 1
                         while p > 0 and best_dist[r, p - 1] > d:
@@ -241,7 +278,8 @@ def neighbours_numba(x_query, x_train, k, isa=None):
     isa = isa or best_isa()
     if list(ISAS).index(isa) < list(ISAS).index(best_isa()):  # LLVM would abort the process
         raise ValueError(f"the CPU numba compiles for has no {isa}; the widest it has is {best_isa()}")
-    return nearest_rows(row_records(x_query, isa), row_records(x_train, isa), k)
+    order = pixel_order(x_train)
+    return nearest_rows(row_records(x_query, isa, order), row_records(x_train, isa, order), k)
 
 
 def nearest_rows(query_rows, train_rows, k):
@@ -267,14 +305,14 @@ def predict(x_query, x_train, y_train, k=K, metric=METRIC, backend=BACKEND, prog
     if not 1 <= k <= len(x_train):
         raise ValueError(f"k must be between 1 and {len(x_train)} (the training images), not {k}")
     if backend == "numba":
-        isa = best_isa()
-        train_rows = row_records(x_train, isa)  # once, not per chunk: a 50 MB copy
+        isa, order = best_isa(), pixel_order(x_train)
+        train_rows = row_records(x_train, isa, order)  # once, not per chunk: a 50 MB copy
     predictions = np.empty(len(x_query), dtype=np.int64)
     start = time.perf_counter()
     for i in range(0, len(x_query), CHUNK):
         part = x_query[i:i + CHUNK]
         if backend == "numba":
-            index = nearest_rows(row_records(part, isa), train_rows, k)
+            index = nearest_rows(row_records(part, isa, order), train_rows, k)
         else:
             index = neighbours_numpy(part, x_train, k, metric)
         predictions[i:i + len(part)] = vote(y_train[index])
