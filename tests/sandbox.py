@@ -23,6 +23,7 @@ train.JOIN_SECONDS = float(os.environ.get("JOIN_SECONDS", train.JOIN_SECONDS))
 train.main(sys.argv[1:])
 """
 
+
 def make(folder, scripts=("data.py", "erasing.py", "machine.py", "models.py", "train.py")):
     """The copy in `folder` (made here), with run_train.py beside the scripts."""
     data.get_data("train"), data.get_data("t10k")
@@ -32,6 +33,7 @@ def make(folder, scripts=("data.py", "erasing.py", "machine.py", "models.py", "t
     (folder / "run_train.py").write_text(RUNNER)
     (folder / "data").symlink_to(data.DATA_DIR)
     return folder
+
 
 def environment(**variables):
     """The environment of a run in a copy: the copy reports the commit of the checkout it came from."""
