@@ -70,7 +70,7 @@ def flatten(images, order=None):
     Padding with zeros adds nothing to any distance, and neither does putting every row's pixels in
     the same order.
     """
-    pixels = images[0].size if len(images) else 0
+    pixels = int(np.prod(images.shape[1:]))
     flat = np.zeros((len(images), -(-pixels // PAD) * PAD), dtype=np.uint8)
     rows = images.reshape(len(images), pixels)
     flat[:, :pixels] = rows if order is None else rows[:, order]  # a copy: the kernel reads contiguous rows
@@ -112,7 +112,7 @@ def l2_block(x_query, x_train, train_sq):
 
 def neighbours_numpy(x_query, x_train, k, metric, rows=8):
     """The reference: NumPy distances for `rows` test images at a time, on all cores."""
-    x_query, x_train = x_query.reshape(len(x_query), -1), x_train.reshape(len(x_train), -1)
+    x_query, x_train = (x.reshape(len(x), int(np.prod(x.shape[1:]))) for x in (x_query, x_train))
     if metric == "l2":
         train_sq = (x_train.astype(np.float64) ** 2).sum(axis=1)
         return select(l2_block(x_query, x_train, train_sq), k)

@@ -143,6 +143,14 @@ def test_bad_options_are_refused_with_one_line_before_any_work(args, message):
 
 
 @pytest.mark.xdist_group("numba")
+def test_no_test_images_give_no_neighbours(fashion):
+    x_train = fashion[0][:100]
+    assert knn.neighbours_numba(x_train[:0], x_train, 3).shape == (0, 3)
+    for metric in ("l1", "l2"):
+        assert knn.neighbours_numpy(x_train[:0], x_train, 3, metric).shape == (0, 3)
+
+
+@pytest.mark.xdist_group("numba")
 def test_predict_refuses_more_neighbours_than_training_images(fashion):
     x_train, y_train, x_test, _ = fashion
     for backend in ("numpy", "numba"):
