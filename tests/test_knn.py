@@ -62,7 +62,7 @@ def available_isas():
 
 def test_neighbours_match_scikit_learn_brute_force(fashion):
     x_train, _, x_test, _ = fashion
-    x_query = x_test[:60].reshape(60, -1)
+    x_query = x_test[:30].reshape(30, -1)
     train = x_train.reshape(60000, -1)
     expected_dist, _ = NearestNeighbors(n_neighbors=5, p=1, algorithm="brute").fit(train).kneighbors(x_query)
     index = knn.neighbours_numpy(x_query, train, 5, "l1")
@@ -74,7 +74,7 @@ def test_neighbours_match_scikit_learn_brute_force(fashion):
 
 def test_l2_neighbours_match_scikit_learn(fashion):
     x_train, _, x_test, _ = fashion
-    x_query = x_test[:50].reshape(50, -1)
+    x_query = x_test[:30].reshape(30, -1)
     train = x_train.reshape(60000, -1)
     expected_dist, _ = NearestNeighbors(n_neighbors=5, algorithm="brute").fit(train).kneighbors(x_query)
     index = knn.neighbours_numpy(x_query, train, 5, "l2")
@@ -120,10 +120,10 @@ def test_a_tied_vote_goes_to_the_smallest_label():
 @pytest.mark.xdist_group("numba")
 def test_exact_figure_on_a_fixed_subset_with_the_numpy_reference(fashion):
     x_train, y_train, x_test, y_test = fashion
-    predictions = knn.predict(x_test[:200], x_train, y_train, backend="numpy")
-    # The first 200 test images: 177 right (0.885), measured once with this reference.
-    assert int((predictions == y_test[:200]).sum()) == 177
-    assert np.array_equal(predictions, knn.predict(x_test[:200], x_train, y_train, backend="numba"))
+    predictions = knn.predict(x_test[:100], x_train, y_train, backend="numpy")
+    # The first 100 test images: 85 right, measured once with this reference (the first 200: 177).
+    assert int((predictions == y_test[:100]).sum()) == 85
+    assert np.array_equal(predictions, knn.predict(x_test[:100], x_train, y_train, backend="numba"))
 
 
 
