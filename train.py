@@ -8,8 +8,8 @@
     python train.py --distribute --name mine         # one model on every GPU (or device) of this machine
 
 Several machines (JAX): the same command on each, with KERAS_BACKEND=jax and the three
-KERAS_DISTRIBUTION_* variables (README, "More than one device or machine"). --batch-size is the global
-batch whatever the number of devices; process 0 writes the files and prints the epochs.
+KERAS_DISTRIBUTION_* variables (README, "More than one device or machine"; distribute.py). --batch-size
+is the global batch whatever the number of devices; process 0 writes the files and prints the epochs.
 
 A run NAME (default "latest") owns its files in models/: NAME.h5 and NAME.json at the end, the
 best validation checkpoint NAME_acc.h5 (+ .json) after every epoch that improves it, the history
@@ -24,7 +24,6 @@ import fcntl
 import itertools
 import json
 import math
-import os
 import re
 import shlex
 import signal
@@ -41,6 +40,7 @@ machine.start_backend()  # KERAS_BACKEND (default tensorflow), without the backe
 import keras  # noqa: E402
 
 import data  # noqa: E402
+import distribute  # noqa: E402
 import erasing  # noqa: E402
 import models  # noqa: E402
 
@@ -84,7 +84,6 @@ SEED = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SCRATCH_NAME = "latest"  # the default name; a new run replaces it without asking
 SCREENSHOTS_DIR = Path(__file__).resolve().parent / "screenshots"
-JOIN_SECONDS = 60  # how long the processes of a --distribute run wait for each other at the start
 
 
 def parse_args(argv=None):
@@ -238,163 +237,6 @@ def trim_history(csv_path, epochs_done):
     data.write_text(csv_path, "".join(lines[:1 + epochs_done]))
 
 
-# ---- More than one device or machine (--distribute) ----
-
-def distribution_problem(backend, distribute, group):
-    """Why this backend cannot train as asked, with the fix, as a sentence; None when it can.
-    group: machine.ProcessGroup (coordinator None when no KERAS_DISTRIBUTION_* variable is set)."""
-    if group.coordinator and not distribute:
-        return ("the KERAS_DISTRIBUTION_* variables are set: add --distribute to train with the other processes, "
-                "or unset them to train alone")
-    if distribute and backend == "torch":
-        return ("Keras 3 has no distribution API for the torch backend; run with KERAS_BACKEND=jax or tensorflow "
-                "for --distribute")
-    if group.coordinator and backend != "jax":
-        return (f"Keras 3 cannot train across processes with the {backend} backend (MultiWorkerMirroredStrategy "
-                f"fails in fit, keras-team/keras#20585); run every process with KERAS_BACKEND=jax")
-    return None
-
-
-def process_group(args):
-    """This process's place in the run (machine.ProcessGroup): alone, or one of the processes that
-    the KERAS_DISTRIBUTION_* variables name. Exits with one line when it cannot train as asked."""
-    try:
-        group = machine.process_group()
-    except machine.DistributionError as e:
-        sys.exit(f"error: {e}")
-    problem = distribution_problem(keras.backend.backend(), args.distribute, group)
-    if problem:
-        sys.exit(f"error: {problem}")
-    return group
-
-
-def join(group):
-    """Wait for the other processes (before any JAX computation); process 0 alone speaks from here on."""
-    print(f"Process {group.process} of {group.processes}: joining at {group.coordinator[0]}:{group.coordinator[1]} "
-          f"(up to {JOIN_SECONDS:g} s)", flush=True)
-    try:
-        machine.join_processes(group, JOIN_SECONDS)
-    except machine.DistributionError as e:
-        sys.exit(f"error: {e}")
-    if group.process:
-        print(f"Process {group.process} of {group.processes}: joined; process 0 prints the run and writes its files",
-              flush=True)
-        sys.stdout = open(os.devnull, "w")
-
-
-def agree(args, settings, run_info):
-    """Every process takes process 0's settings, seed, data and first epoch (a stopped run's state is on
-    process 0's machine); returns the first epoch."""
-    shared = machine.json_from_process_0(
-        {"settings": settings, "seed": args.seed, "limit": args.limit, "all_data": args.all_data,
-         "minutes": args.minutes, "epochs_done": run_info.get("epochs_done", 0)})
-    settings.update(shared["settings"])
-    args.seed, args.limit, args.all_data, args.minutes = (shared[key] for key in ("seed", "limit", "all_data",
-                                                                                    "minutes"))
-    return shared["epochs_done"]
-
-
-def distribute(group):
-    """Data parallelism over every device the backend sees, in every process: (the scope to build the
-    model in, the devices' names; one replica each). TensorFlow: MirroredStrategy over the GPUs (else
-    the CPU's devices); JAX: Keras's DataParallel, one program over the global batch."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        devices = [d.name for d in tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")]
-        strategy = tf.distribute.MirroredStrategy(devices)
-        scope, local, names = strategy.scope, len(devices), [name.split("device:")[-1] for name in devices]
-    else:
-        import jax
-
-        devices = jax.devices()
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False))
-        scope, local = contextlib.nullcontext, jax.local_device_count()
-        names = [f"{d.platform.upper()}:{d.id}" + (f" (process {d.process_index})" if group.processes > 1 else "")
-                 for d in devices]
-    if len(devices) != local * group.processes:
-        sys.exit(f"error: the processes have different numbers of devices ({len(devices)} in all, {local} here); "
-                 f"give each as many, e.g. one process per GPU with CUDA_VISIBLE_DEVICES")
-    return scope, names
-
-
-def check_batch(batch_size, replicas):
-    """Exit with one line when the global batch does not divide among the replicas."""
-    if batch_size % replicas:
-        lower = batch_size // replicas * replicas
-        sys.exit(f"error: --batch-size {batch_size} does not divide among {replicas} replicas; give a multiple of "
-                 f"{replicas}, e.g. --batch-size {lower or replicas}" + (f" or {lower + replicas}" if lower else ""))
-
-
-def synchronize_batch_norm(model):
-    """Under MirroredStrategy, each replica normalises by its own images' statistics unless told;
-    synchronized, every replica uses the global batch's, as one device would (JAX's DataParallel
-    does so already), though Keras then computes the variance as E[x^2] - E[x]^2, not exactly one
-    device's figures. save() writes the files without it: other backends refuse the setting."""
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-
-
-@contextlib.contextmanager
-def undistributed():
-    """Inside, no JAX distribution: what is made here lives on this process's own device."""
-    distribution = keras.distribution.distribution()
-    keras.distribution.set_distribution(None)
-    try:
-        yield
-    finally:
-        keras.distribution.set_distribution(distribution)
-
-
-def save(model, path, **options):
-    """models.save_model, outside any JAX distribution (saving a .keras file builds a throwaway
-    optimizer, whose variables would otherwise be made across all processes, waiting for the
-    others), and with synchronized batch normalisation off in the file."""
-    synchronized = [layer for layer in model.layers if getattr(layer, "synchronized", False)]
-    for layer in synchronized:
-        layer.synchronized = False
-    try:
-        with undistributed():
-            return models.save_model(model, path, **options)
-    finally:
-        for layer in synchronized:
-            layer.synchronized = True
-
-
-def validation_share(x_val, y_val, replicas=1, group=machine.ProcessGroup(None, 1, 0)):
-    """(images, labels) this process validates on: all of them on one device; in a --distribute run
-    the first multiple of the replica count of them (every device takes as many), split among the
-    processes."""
-    share = len(x_val) // replicas * replicas // group.processes
-    part = slice(group.process * share, (group.process + 1) * share)
-    return models.prepare(x_val[part]), y_val[part]
-
-
-def resume_everywhere(files, settings, steps, scope, lead, extended):
-    """--resume --distribute: every process builds the model; process 0 reads the stopped run's weights
-    and optimizer state (on its machine) and every process takes them from it."""
-    with scope():
-        model = build_model(settings, steps)  # the schedule over settings["epochs"], rebuilt if extended
-        model.optimizer.build(model.trainable_variables)
-    variables = [*model.variables, *model.optimizer.variables]
-    values = [np.zeros(v.shape, v.dtype) for v in variables]
-    if lead:
-        with undistributed():  # a copy on this process's device only
-            stopped = load_resume_model(files)
-        saved = [np.asarray(v) for v in [*stopped.variables, *stopped.optimizer.variables]]
-        if [v.shape for v in saved] != [v.shape for v in values]:
-            sys.exit(f"error: the resume state {files['resume']} does not hold this model's weights and optimizer "
-                     f"state; start the run again with --overwrite")
-        values = saved
-        if extended and settings["schedule"] == "cosine":
-            print(f"The cosine schedule is rebuilt over {settings['epochs']} epochs from step "
-                  f"{int(stopped.optimizer.iterations)}: the learning rate jumps to where the longer run would be")
-    for variable, value in zip(variables, machine.from_process_0(values)):
-        variable.assign(value)
-    return model
-
-
 # ---- Training pieces ----
 
 def set_precision(mixed):
@@ -462,17 +304,6 @@ def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=
         y_epoch = y[order[positions]]
         for start, stop in itertools.pairwise(np.cumsum([0, *sizes])):
             yield models.prepare(x_epoch[start:stop]), y_epoch[start:stop]
-
-
-def mirrored_feed(stream, x, y):
-    """The batches of stream() as a tf.data.Dataset for MirroredStrategy, which makes one iterator of
-    its input more than it reads from: on the shared generator that one's read-ahead would take a
-    batch, and every epoch after the first would start a batch late. Here each iterator gets a
-    stream of its own, from the first batch."""
-    import tensorflow as tf
-
-    return tf.data.Dataset.from_generator(stream, output_signature=(
-        tf.TensorSpec((None, *x.shape[1:], 1), tf.float32), tf.TensorSpec((None, *y.shape[1:]), y.dtype)))
 
 
 def learning_rate(settings, steps_per_epoch):
@@ -594,11 +425,11 @@ class Checkpoints(keras.callbacks.Callback):
         if val_accuracy > self.best:
             self.best = val_accuracy
             self.run_info.update(best_val_accuracy=val_accuracy, best_epoch=epoch + 1)
-            save(self.model, self.files["best"], include_optimizer=False)
+            distribute.save(self.model, self.files["best"], include_optimizer=False)
             print(f"\nEpoch {epoch + 1}: val_accuracy improved to {val_accuracy:.4f}, saved {self.files['best'].name}")
         self.run_info.update(epochs_done=epoch + 1,
                              train_seconds=self.run_info["train_seconds"] + time.perf_counter() - self.epoch_start)
-        save(self.model, self.files["resume"])
+        distribute.save(self.model, self.files["resume"])
         models.write_json(self.files["resume_info"], self.run_info)
         self.ctrl_c.check()
 
@@ -649,7 +480,7 @@ def begin(args, settings, files, command, replicas=1):
     seed; only --epochs may change, `extended` says if it did). Exits with one line, before writing
     anything, when the batch does not divide among the replicas."""
     if not args.resume:
-        check_batch(settings["batch_size"], replicas)
+        distribute.check_batch(settings["batch_size"], replicas)
         for stale in ("best", "csv", "resume"):  # an earlier run's, if --overwrite allowed it
             files[stale].unlink(missing_ok=True)
         run_info = {"command": command, "recipe": args.recipe, "settings": settings, "seed": args.seed,
@@ -659,7 +490,7 @@ def begin(args, settings, files, command, replicas=1):
     run_info = read_resume_state(files)
     settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
     args.all_data = run_info.get("all_data", False)
-    check_batch(settings["batch_size"], replicas)
+    distribute.check_batch(settings["batch_size"], replicas)
     extended = args.epochs is not None and args.epochs != settings["epochs"]
     settings["epochs"] = args.epochs or settings["epochs"]
     run_info.setdefault("resumed_with", []).append(command)
@@ -711,19 +542,30 @@ def fit_epochs_to_minutes(minutes, settings, run_info, x_train, n_train, n_val, 
     """--minutes: time this machine, then set settings["epochs"] to what fits (process 0's timing,
     in every process of the run)."""
     rates = time_this_machine(settings, x_train, scope=scope, processes=processes)
-    train_rate, predict_rate = machine.from_process_0([np.array(rates)])[0].tolist()
+    train_rate, predict_rate = distribute.from_process_0([np.array(rates)])[0].tolist()
     settings["epochs"], epoch_seconds = epoch_budget(minutes, train_rate, predict_rate, n_train, n_val, n_test)
     run_info["timed"] = {"train_images_per_s": round(train_rate, 1), "epoch_seconds": round(epoch_seconds, 1)}
     print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "
           f"{settings['epochs']} epochs fit in {minutes:g} minutes (the same run again: --epochs {settings['epochs']})")
 
 
-def resume_model(files, settings, steps, extended):
+def resume_model(files, settings, steps, extended, scope=None, lead=True):
     """The stopped run's model, weights and optimizer state; a longer cosine run gets its schedule
-    rebuilt over the new length (else the learning rate would sit at 0 after the old end)."""
-    model = load_resume_model(files)
-    if extended and settings["schedule"] == "cosine":
-        model.optimizer.learning_rate = learning_rate(settings, steps)
+    rebuilt over the new length (else the learning rate would sit at 0 after the old end). Under
+    --distribute (a scope), every process builds the model in it and takes process 0's state."""
+    rebuilt = extended and settings["schedule"] == "cosine"
+    if scope is None:
+        model = load_resume_model(files)
+        if rebuilt:
+            model.optimizer.learning_rate = learning_rate(settings, steps)
+    else:
+        def build():
+            with scope():
+                return build_model(settings, steps)  # the schedule over settings["epochs"]
+
+        model = distribute.resume_everywhere(build, lambda: load_resume_model(files), lead,
+                                             files and files["resume"])
+    if rebuilt:
         print(f"The cosine schedule is rebuilt over {settings['epochs']} epochs from step "
               f"{int(model.optimizer.iterations)}: the learning rate jumps to where the longer run would be")
     return model
@@ -733,7 +575,7 @@ def record_run(model, args, files, run_info, settings, x_val, y_val, x_test, y_t
     """The final model, then this run's best checkpoint, each with its figures and JSON; the plot.
     A --distribute run's figures come from the saved file, evaluated here alone on this process's
     device: the trained model's arrays are spread over every process's devices."""
-    save(model, files["model"], include_optimizer=False)
+    distribute.save(model, files["model"], include_optimizer=False)
     if args.distribute:
         keras.distribution.set_distribution(None)
         model = models.load_model(files["model"])
@@ -751,16 +593,16 @@ def record_run(model, args, files, run_info, settings, x_val, y_val, x_test, y_t
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
-    group = process_group(args)  # one process alone, or one of the processes of a --distribute run
+    group = distribute.process_group(args)  # one process alone, or one of the processes of a --distribute run
     lead = group.process == 0    # process 0 owns the run's files and prints; the others only train
     files, lock = claim(args) if lead else (None, None)  # noqa: F841 (held while the process runs)
     if group.coordinator:
-        join(group)
-    scope, devices = distribute(group) if args.distribute else (contextlib.nullcontext, [])
+        distribute.join(group)
+    scope, devices = distribute.data_parallel(group) if args.distribute else (contextlib.nullcontext, [])
     replicas = len(devices) or 1
     run_info, settings, extended = (begin(args, settings, files, shlex.join(["python", "train.py", *argv]), replicas)
                                     if lead else ({}, settings, False))
-    first_epoch = agree(args, settings, run_info) if group.processes > 1 else run_info["epochs_done"]
+    first_epoch = distribute.agree(args, settings, run_info) if group.processes > 1 else run_info["epochs_done"]
     run_info.update(replicas=replicas, processes=group.processes)
     set_up_backend(args.seed, settings, run_info, devices)
 
@@ -769,7 +611,7 @@ def main(argv=None):
     one_hot = settings["label_smoothing"] > 0  # the smoothed loss takes one-hot labels
     encode = (lambda labels: np.eye(models.NUM_CLASSES, dtype=np.float32)[labels]) if one_hot else (lambda v: v)
     x_images, y_images = training_images(x_train, encode(y_train), settings, args.seed)
-    validation = validation_share(x_val, encode(y_val), replicas, group) if len(x_val) >= replicas else None
+    validation = distribute.validation_share(x_val, encode(y_val), replicas, group) if len(x_val) >= replicas else None
     steps = len(feed_plan(len(x_images), settings["batch_size"], replicas)[1])
     if not steps:
         sys.exit(f"error: {len(x_images)} training images are too few for {replicas} replicas; raise --limit")
@@ -781,15 +623,13 @@ def main(argv=None):
 
     # Model: new, or the stopped run's; one initial model in every process (the same seed).
     mirrored = args.distribute and keras.backend.backend() == "tensorflow"  # MirroredStrategy
-    if first_epoch and args.distribute:
-        model = resume_everywhere(files, settings, steps, scope, lead, extended)
-    elif first_epoch:
-        model = resume_model(files, settings, steps, extended)
+    if first_epoch:
+        model = resume_model(files, settings, steps, extended, scope if args.distribute else None, lead)
     else:
         with scope():
             model = build_model(settings, steps)
     if mirrored and replicas > 1:
-        synchronize_batch_norm(model)
+        distribute.synchronize_batch_norm(model)
     if lead:
         if first_epoch:
             trim_history(files["csv"], first_epoch)
@@ -802,7 +642,7 @@ def main(argv=None):
                  else [DropoutStreams(args.seed), ctrl_c])
     stream = lambda: batches(x_images, y_images, settings, args.seed, first_epoch, replicas,  # noqa: E731
                              group.process, group.processes)
-    feed = mirrored_feed(stream, x_images, y_images) if mirrored else stream()
+    feed = distribute.mirrored_feed(stream, x_images, y_images) if mirrored else stream()
     start = time.perf_counter()
     try:
         with ctrl_c:

@@ -19,12 +19,13 @@ import data
 load_data = data.load_data
 data.load_data = lambda kind: tuple(a[:200] if kind == "t10k" else a for a in load_data(kind))
 import train
-train.JOIN_SECONDS = float(os.environ.get("JOIN_SECONDS", train.JOIN_SECONDS))
+import distribute
+distribute.JOIN_SECONDS = float(os.environ.get("JOIN_SECONDS", distribute.JOIN_SECONDS))
 train.main(sys.argv[1:])
 """
 
 
-def make(folder, scripts=("data.py", "erasing.py", "machine.py", "models.py", "train.py")):
+def make(folder, scripts=("data.py", "distribute.py", "erasing.py", "machine.py", "models.py", "train.py")):
     """The copy in `folder` (made here), with run_train.py beside the scripts."""
     data.get_data("train"), data.get_data("t10k")
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""train.py --distribute: one model on several devices or processes, checked on this CPU machine.
+"""distribute.py (train.py --distribute): one model on several devices or processes, on this CPU machine.
 
 The CPU stands for the devices: XLA_FLAGS=--xla_force_host_platform_device_count=2 gives one JAX
 process two devices, FASHION_CPU_DEVICES=2 gives TensorFlow two logical CPUs, and two JAX processes
@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 
+import distribute
 import erasing
 import machine
 import sandbox
@@ -91,7 +92,7 @@ def test_mirrored_strategy_gets_a_whole_stream_for_every_iterator_it_makes():
     y = np.arange(100)
     settings = dict(train.RECIPES["original"], batch_size=30)
     stream = lambda: train.batches(x, y, settings, seed=4, first_epoch=0)  # noqa: E731
-    feed = train.mirrored_feed(stream, x, y)
+    feed = distribute.mirrored_feed(stream, x, y)
     ahead = iter(feed)
     [next(ahead) for _ in range(3)]
     expected = stream()
@@ -100,7 +101,7 @@ def test_mirrored_strategy_gets_a_whole_stream_for_every_iterator_it_makes():
         assert np.array_equal(labels.numpy(), want[1]) and np.array_equal(images.numpy(), want[0])
 
 
-@pytest.mark.parametrize("backend, distribute, variables, expected", [
+@pytest.mark.parametrize("backend, asked, variables, expected", [
     ("tensorflow", True, False, None),
     ("jax", True, True, None),
     ("jax", False, False, None),
@@ -109,9 +110,9 @@ def test_mirrored_strategy_gets_a_whole_stream_for_every_iterator_it_makes():
     ("torch", True, True, "no distribution API for the torch backend"),
     ("jax", False, True, "add --distribute"),
 ])
-def test_what_each_backend_can_distribute(backend, distribute, variables, expected):
-    group = machine.ProcessGroup(("10.0.0.1", 1234), 2, 0) if variables else machine.ProcessGroup(None, 1, 0)
-    problem = train.distribution_problem(backend, distribute, group)
+def test_what_each_backend_can_distribute(backend, asked, variables, expected):
+    group = distribute.ProcessGroup(("10.0.0.1", 1234), 2, 0) if variables else distribute.ProcessGroup(None, 1, 0)
+    problem = distribute.distribution_problem(backend, asked, group)
     assert problem is None if expected is None else expected in problem
 
 
@@ -119,7 +120,7 @@ def test_what_each_backend_can_distribute(backend, distribute, variables, expect
 def variables(monkeypatch):
     """Set the three KERAS_DISTRIBUTION_* variables (None: unset)."""
     def set_them(addresses, count, index):
-        for name, value in zip(machine.DISTRIBUTION_VARIABLES, (addresses, count, index)):
+        for name, value in zip(distribute.DISTRIBUTION_VARIABLES, (addresses, count, index)):
             if value is None:
                 monkeypatch.delenv(name, raising=False)
             else:
@@ -137,14 +138,14 @@ def variables(monkeypatch):
 ])
 def test_the_variables_are_read_and_checked(variables, values, message):
     variables(None, None, None)
-    assert machine.process_group() == (None, 1, 0)
+    assert distribute.group_from_environment() == (None, 1, 0)
     variables("10.0.0.1:1234,10.0.0.2:2345", "2", "1")
-    assert machine.process_group() == (("10.0.0.1", 1234), 2, 1)
+    assert distribute.group_from_environment() == (("10.0.0.1", 1234), 2, 1)
     variables("[::1]:1234", "3", "0")
-    assert machine.process_group() == (("::1", 1234), 3, 0)
+    assert distribute.group_from_environment() == (("::1", 1234), 3, 0)
     variables(*values)
-    with pytest.raises(machine.DistributionError, match=message):
-        machine.process_group()
+    with pytest.raises(distribute.DistributionError, match=message):
+        distribute.group_from_environment()
 
 
 def refused(*argv):
@@ -191,8 +192,8 @@ def test_a_gpu_is_seen_by_its_driver_whatever_the_backend(tmp_path):
 
 def test_one_process_keeps_its_values():
     arrays = [np.arange(3.0), np.int64(7)]
-    assert all(a is b for a, b in zip(machine.from_process_0(arrays), arrays, strict=True))
-    assert machine.json_from_process_0({"epochs": 3, "lr": 1e-3}) == {"epochs": 3, "lr": 1e-3}
+    assert all(a is b for a, b in zip(distribute.from_process_0(arrays), arrays, strict=True))
+    assert distribute.json_from_process_0({"epochs": 3, "lr": 1e-3}) == {"epochs": 3, "lr": 1e-3}
 
 
 # ---- Whole runs, as separate processes ----
