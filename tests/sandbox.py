@@ -6,6 +6,8 @@ is written and how it trains, not accuracy, and evaluating 10,000 images would b
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import data
@@ -39,3 +41,10 @@ def make(folder, scripts=("data.py", "distribute.py", "erasing.py", "machine.py"
 def environment(**variables):
     """The environment of a run in a copy: the copy reports the commit of the checkout it came from."""
     return {**os.environ, "GIT_DIR": str(ROOT / ".git"), "GIT_WORK_TREE": str(ROOT), **variables}
+
+
+def start(folder, *args, **variables):
+    """`python train.py *args` in the copy (its run_train.py), in the background, with `variables` added
+    to the environment: a Popen whose stdout and stderr are text pipes."""
+    return subprocess.Popen([sys.executable, "run_train.py", *args], cwd=folder, env=environment(**variables),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

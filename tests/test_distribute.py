@@ -10,8 +10,6 @@ pytest's cache folder for the next time, and without TensorFlow, as on a machine
 
 import json
 import socket
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -208,14 +206,11 @@ class Run:
     """train.py started in the background in `folder`; finish() waits for it."""
 
     def __init__(self, folder, *args, backend="jax", join_seconds=240, devices=1, **env):
-        env = sandbox.environment(KERAS_BACKEND=backend, JOIN_SECONDS=str(join_seconds), **env)
         if backend == "jax":  # compiling optimised code would take most of these short runs' time
             env["XLA_FLAGS"] = (f"--xla_backend_optimization_level=0 "
                                 f"--xla_force_host_platform_device_count={devices}")
         self.args = args
-        self.process = subprocess.Popen([sys.executable, "run_train.py", *args], cwd=folder, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+        self.process = sandbox.start(folder, *args, KERAS_BACKEND=backend, JOIN_SECONDS=str(join_seconds), **env)
 
     def finish(self, returncode=0, timeout=400):
         if self.process.returncode is None:

@@ -259,9 +259,7 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     the scripts, test images cut to 200)."""
     folder = sandbox.make(tmp_path / "project")
     best = folder / "models" / "latest_acc.h5"
-    process = subprocess.Popen([sys.executable, "run_train.py", "--epochs", "30", *TINY[2:]], cwd=folder,
-                               env=sandbox.environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = sandbox.start(folder, "--epochs", "30", *TINY[2:])
     deadline = time.time() + 120
     while not best.exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -272,11 +270,10 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     assert keras.models.load_model(best).count_params() == 3_458_382
     assert not (folder / "models" / "latest.h5").exists()
     done = json.loads((folder / "models" / "latest_resume.json").read_text())["epochs_done"]
-    out = subprocess.run([sys.executable, "run_train.py", "--resume", "--epochs", str(done + 1)], cwd=folder,
-                         env=sandbox.environment(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"Resuming latest after epoch {done} of {done + 1}" in out.stdout
+    resumed = sandbox.start(folder, "--resume", "--epochs", str(done + 1))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"Resuming latest after epoch {done} of {done + 1}" in out
     history = np.genfromtxt(folder / "models" / "latest.csv", delimiter=",", names=True)
     assert history["epoch"].tolist() == list(range(done + 1))
     record = json.loads((folder / "models" / "latest.json").read_text())
@@ -284,7 +281,7 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     assert record["git_commit"] == head and isinstance(record["git_dirty"], bool)
     assert record["model"] == "latest" and record["epochs_done"] == done + 1 and record["limit"] == 40
     assert record["device"] and record["keras"] == keras.__version__ and record["train_seconds"] > 0
-    assert f"Test accuracy: {record['test_accuracy']:.4f}" in out.stdout
+    assert f"Test accuracy: {record['test_accuracy']:.4f}" in out
     assert keras.models.load_model(folder / "models" / "latest.h5").count_params() == 3_458_382
     for noise in ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN", "absl::InitializeLog", "Traceback"):
-        assert noise not in out.stderr + stderr, out.stderr
+        assert noise not in err + stderr, err
