@@ -210,4 +210,6 @@ def environment():
         "keras": keras.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
+        # e.g. tcmalloc (README, "Speed"): a faster CPU run, the same weights; timings depend on it
+        "preloaded": os.environ.get("LD_PRELOAD") or None,
     }

@@ -9,6 +9,7 @@ import fcntl
 import gc
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -281,6 +282,7 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     assert record["git_commit"] == head and isinstance(record["git_dirty"], bool)
     assert record["model"] == "latest" and record["epochs_done"] == done + 1 and record["limit"] == 40
     assert record["device"] and record["keras"] == keras.__version__ and record["train_seconds"] > 0
+    assert record["preloaded"] == (os.environ.get("LD_PRELOAD") or None)
     assert f"Test accuracy: {record['test_accuracy']:.4f}" in out
     assert keras.models.load_model(folder / "models" / "latest.h5").count_params() == 3_458_382
     for noise in ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN", "absl::InitializeLog", "Traceback"):
