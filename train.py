@@ -21,6 +21,7 @@ the scratch name, excepted), and two runs of one name cannot run at once.
 import argparse
 import contextlib
 import fcntl
+import gc
 import itertools
 import json
 import math
@@ -644,12 +645,19 @@ def main(argv=None):
                              group.process, group.processes)
     feed = distribute.mirrored_feed(stream, x_images, y_images) if mirrored else stream()
     start = time.perf_counter()
+    interrupted = False
     try:
         with ctrl_c:
             model.fit(feed, steps_per_epoch=steps, shuffle=False, epochs=settings["epochs"], initial_epoch=first_epoch,
                       validation_data=validation, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2,
                       validation_batch_size=settings["batch_size"] // group.processes if args.distribute else None)
     except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        # The fit's input iterator goes now: left to the interpreter's exit, TensorFlow reports an
+        # "Error occurred when finalizing GeneratorDataset iterator" that is none.
+        feed = None
+        gc.collect()
         if not lead:
             sys.exit(130)
         print(f"\nInterrupted after epoch {run_info['epochs_done']}.")
