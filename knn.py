@@ -61,6 +61,12 @@ ISAS = {
 }
 
 
+def as_rows(images):
+    """(n, ...) -> (n, pixels): one row of pixels per image, the width from the image shape (so an
+    empty array keeps it)."""
+    return images.reshape(len(images), int(np.prod(images.shape[1:])))
+
+
 def flatten(images, order=None):
     """(n, ...) uint8 -> (n, width) C-contiguous uint8: the pixels (in `order`, if given), zero-padded
     to a multiple of PAD.
@@ -70,9 +76,9 @@ def flatten(images, order=None):
     Padding with zeros adds nothing to any distance, and neither does putting every row's pixels in
     the same order.
     """
-    pixels = int(np.prod(images.shape[1:]))
+    rows = as_rows(images)
+    pixels = rows.shape[1]
     flat = np.zeros((len(images), -(-pixels // PAD) * PAD), dtype=np.uint8)
-    rows = images.reshape(len(images), pixels)
     flat[:, :pixels] = rows if order is None else rows[:, order]  # a copy: the kernel reads contiguous rows
     return flat
 
@@ -80,7 +86,7 @@ def flatten(images, order=None):
 def pixel_order(x_train):
     """The pixel positions from the most varied over the training images to the least: in that order
     a partial distance grows fastest, and the kernel can stop summing a far training image early."""
-    sample = x_train.reshape(len(x_train), -1)[::max(1, len(x_train) // 6000)]  # enough to rank them
+    sample = as_rows(x_train)[::max(1, len(x_train) // 6000)]  # enough to rank them
     return np.argsort(-sample.var(axis=0), kind="stable")
 
 
@@ -112,7 +118,7 @@ def l2_block(x_query, x_train, train_sq):
 
 def neighbours_numpy(x_query, x_train, k, metric, rows=8):
     """The reference: NumPy distances for `rows` test images at a time, on all cores."""
-    x_query, x_train = (x.reshape(len(x), int(np.prod(x.shape[1:]))) for x in (x_query, x_train))
+    x_query, x_train = as_rows(x_query), as_rows(x_train)
     if metric == "l2":
         train_sq = (x_train.astype(np.float64) ** 2).sum(axis=1)
         return select(l2_block(x_query, x_train, train_sq), k)
