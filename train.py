@@ -654,8 +654,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         interrupted = True
     if interrupted:
-        # The fit's input iterator goes now: left to the interpreter's exit, TensorFlow reports an
-        # "Error occurred when finalizing GeneratorDataset iterator" that is none.
+        # Out of the except block (whose traceback holds fit's frames): the fit's input iterator is
+        # freed now; left to the interpreter's exit, TensorFlow reports an "Error occurred when
+        # finalizing GeneratorDataset iterator" that is none.
         feed = None
         gc.collect()
         if not lead:
