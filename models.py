@@ -93,9 +93,16 @@ def build_cnn(dropout="full_1", optimizer="adam", learning_rate=1e-3, momentum=0
                 raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
         # Integer labels 0-9; label smoothing needs one-hot labels (train.py makes them) and the
         # categorical form of the loss. Both are Keras's own, so plain load_model opens the file.
-        loss = (keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing
-                else keras.losses.SparseCategoricalCrossentropy())
-        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+        if label_smoothing:
+            loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
+            accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+        else:
+            loss = keras.losses.SparseCategoricalCrossentropy()
+            accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy])
+        # Every variable is made here, the optimizer's and the metric's (hence no "accuracy" string):
+        # one made while TensorFlow traces the first training step makes it trace that step twice.
+        model.optimizer.build(model.trainable_variables)
     return model
 
 
