@@ -6,6 +6,7 @@ gives them, Ctrl-C. Runs under JAX are in test_distribute.py.
 """
 
 import fcntl
+import functools
 import gc
 import json
 import math
@@ -177,9 +178,12 @@ def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project)
     models.write_json(train.run_files("C")["resume_info"],
                       {"command": "...", "recipe": "original", "settings": settings, "seed": 9, "limit": 40,
                        "all_data": False, "epochs_done": 0, "train_seconds": 0.0})
-    run("--resume", "--name", "C")
-    assert info("C")["seed"] == 9 and info("C")["epochs_done"] == 1
-    assert not np.array_equal(weights(project / "models" / "C.h5")[1], weights(project / "models" / "whole.h5")[1])
+    args, _ = train.parse_args(["--resume", "--name", "C"])
+    files, lock = train.claim(args)
+    resumed, resumed_settings, extended = train.begin(args, settings, files, "python train.py --resume --name C")
+    lock.close()
+    assert (args.seed, args.limit, resumed_settings, extended) == (9, 40, settings, False)
+    assert resumed["epochs_done"] == 0 and resumed["resumed_with"] == ["python train.py --resume --name C"]
     assert "nothing of 'D' to resume" in refused("--resume", "--name", "D")
 
 
@@ -242,7 +246,9 @@ def test_extending_a_cosine_run_rebuilds_its_schedule(project, capsys):
     assert all(rate > 0 for rate in rates[:-1]) and rates[3] == pytest.approx(2e-3)
 
 
-def test_all_data_and_minutes(project):
+def test_all_data_and_minutes(project, monkeypatch):
+    # The timing probe's size is not what is tested here: 2 steps instead of 8.
+    monkeypatch.setattr(train, "time_this_machine", functools.partial(train.time_this_machine, probe_steps=2))
     run("--recipe", "fast", "--all-data", "--minutes", "0.05", *TINY[2:], "--name", "everything")
     record = info("everything")
     assert record["all_data"] is True and record["val_accuracy"] is None and "best_epoch" not in record
