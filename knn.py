@@ -9,8 +9,8 @@ vote goes to the smallest label, so the result is deterministic:
 
 Two back-ends give the same neighbours bit for bit: "numpy" (the reference)
 and "numba" (a compiled kernel that uses the CPU's sum-of-absolute-differences
-instruction, `psadbw`, on blocks of test rows against the training set; both
-cores). The kernel sums the pixels in order of their variance over the
+instruction, `psadbw`, on blocks of test rows against the training set, the
+blocks shared among threads on all cores). The kernel sums the pixels in order of their variance over the
 training images and stops summing a training image once its partial distance
 reaches the k-th nearest found so far: it could no longer be a neighbour, so
 the result is unchanged, and most of each row is never read (about 1.3x
@@ -147,7 +147,9 @@ def numba_available():
 
 
 def cached_kernel(kernel):
-    """kernel compiled by numba for all cores, its machine code kept on disk for later runs.
+    """kernel compiled by numba, its machine code kept on disk for later runs. It releases the GIL, so
+    threads run it on all cores at once (nearest_rows); numba's own parallel loops compile about 4 s
+    slower on 2 cores, for the same speed.
 
     numba writes the cache to NUMBA_CACHE_DIR if set, else to __pycache__ beside this file, else (read-only
     folder) to the user's cache folder; where none is writable it compiles on every run. An entry is used
@@ -157,9 +159,9 @@ def cached_kernel(kernel):
     if numba is None:
         return kernel
     try:
-        return numba.njit(cache=True, parallel=True)(kernel)
+        return numba.njit(cache=True, nogil=True)(kernel)
     except RuntimeError:  # "no locator available": no writable cache folder anywhere
-        return numba.njit(parallel=True)(kernel)
+        return numba.njit(nogil=True)(kernel)
 
 
 def row_records(images, isa, order=None):
@@ -246,7 +248,7 @@ def top_k_l1(x_query, x_train, k, out_index):
     x_query, x_train: row records of the same type (row_records); out_index: (len(x_query), k) int32.
     """
     n_query, n_train = x_query.shape[0], x_train.shape[0]
-    for block in numba.prange((n_query + QUERY_ROWS - 1) // QUERY_ROWS):
+    for block in range((n_query + QUERY_ROWS - 1) // QUERY_ROWS):
         q0 = block * QUERY_ROWS
         q1 = min(q0 + QUERY_ROWS, n_query)
         best_dist = np.full((QUERY_ROWS, k), np.iinfo(np.int64).max, dtype=np.int64)
@@ -288,10 +290,13 @@ def neighbours_numba(x_query, x_train, k, isa=None):
     return nearest_rows(row_records(x_query, isa, order), row_records(x_train, isa, order), k)
 
 
-def nearest_rows(query_rows, train_rows, k):
-    """(len(query_rows), k) int32 indices of the nearest training rows; both arguments from row_records."""
+def nearest_rows(query_rows, train_rows, k, task_rows=4 * QUERY_ROWS):
+    """(len(query_rows), k) int32 indices of the nearest training rows; both arguments from row_records.
+    The kernel runs on blocks of task_rows test rows, in one thread per core."""
     out = np.empty((len(query_rows), k), dtype=np.int32)
-    top_k_l1(query_rows, train_rows, k, out)
+    starts = range(0, len(query_rows), task_rows)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(lambda i: top_k_l1(query_rows[i:i + task_rows], train_rows, k, out[i:i + task_rows]), starts))
     return out
 
 
