@@ -204,17 +204,25 @@ def test_latest_is_replaced_but_a_named_model_only_with_overwrite(project):
     message = refused(*TINY, "--name", "mine")
     assert "mine.h5 exists" in message and "--overwrite" in message
     assert info("mine") == {"test_accuracy": 0.9487}
-    run(*TINY, "--seed", "2", "--name", "mine", "--overwrite")
-    assert info("mine")["seed"] == 2
+    # With --overwrite the run starts, and first deletes what an earlier run of the name left behind
+    # (its files are then replaced as latest's were above).
+    args, settings = train.parse_args([*TINY, "--seed", "2", "--name", "mine", "--overwrite"])
+    files, lock = train.claim(args)
+    for stale in ("best", "csv", "resume"):
+        files[stale].write_text("earlier")
+    train.begin(args, settings, files, "python train.py --name mine --overwrite")
+    lock.close()
+    assert not any(files[stale].exists() for stale in ("best", "csv", "resume"))
+    assert json.loads(files["resume_info"].read_text())["seed"] == 2
     # A damaged resume state is one line.
-    files = train.run_files("mine")
+    files = train.run_files("latest")
     files["resume"].write_bytes(files["resume"].read_bytes()[:5000])
     json.loads(files["resume_info"].read_text())  # still fine: the .keras is the damaged one
-    message = refused("--resume", "--epochs", "2", "--name", "mine")
-    assert "the resume state" in message and "mine_resume.keras is damaged" in message
+    message = refused("--resume", "--epochs", "2")
+    assert "the resume state" in message and "latest_resume.keras is damaged" in message
     files["resume_info"].write_text("{not json")
-    message = refused("--resume", "--name", "mine")
-    assert "mine_resume.json is damaged" in message and "--overwrite" in message
+    message = refused("--resume")
+    assert "latest_resume.json is damaged" in message and "--overwrite" in message
 
 
 def test_a_second_run_of_the_same_name_waits_for_nobody(project):
