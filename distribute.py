@@ -289,7 +289,8 @@ def resume_everywhere(build, load, lead, resume_path):
     optimizer); process 0 loads the stopped run's (load(), on its machine) and every process takes its
     weights and optimizer state."""
     model = build()
-    model.optimizer.build(model.trainable_variables)
+    if not model.optimizer.built:  # models.build_cnn builds it; a second build would add variables
+        model.optimizer.build(model.trainable_variables)
     variables = [*model.variables, *model.optimizer.variables]
     values = [np.zeros(v.shape, v.dtype) for v in variables]
     if lead:
