@@ -9,12 +9,12 @@ vote goes to the smallest label, so the result is deterministic:
 
 Two back-ends give the same neighbours bit for bit: "numpy" (the reference)
 and "numba" (a compiled kernel that uses the CPU's sum-of-absolute-differences
-instruction, `psadbw`, on blocks of test rows against the training set, the
-blocks shared among threads on all cores). The kernel sums the pixels in order of their variance over the
-training images and stops summing a training image once its partial distance
-reaches the k-th nearest found so far: it could no longer be a neighbour, so
-the result is unchanged, and most of each row is never read (about 1.3x
-faster here). "auto" picks numba when it is installed.
+instruction, `psadbw`, on blocks of test rows against the training set; one
+thread per core). The kernel sums the pixels in order of their variance over
+the training images and stops summing a training image once its partial
+distance reaches the k-th nearest found so far: it could no longer be a
+neighbour, so the result is unchanged, and most of each row is never read
+(about 1.3x faster here). "auto" picks numba when it is installed.
 
 numba compiles the kernel on the first run (seconds) and keeps the machine
 code on disk, in __pycache__ beside this file (or in NUMBA_CACHE_DIR), so later
@@ -49,7 +49,7 @@ BACKEND = "auto"  # auto: numba if it is installed, else numpy
 CHUNK = 1000  # test images per progress step
 TRAIN_IMAGES, TEST_IMAGES = 60000, 10000  # Fashion-MNIST's split sizes, to check options before loading
 PAD = 64  # the kernel reads rows in 64-byte pieces (one AVX-512 register)
-QUERY_ROWS = 16  # test rows per parallel task of the kernel
+QUERY_ROWS = 16  # test rows the kernel scans the training tiles for at once (a thread takes 4 such blocks)
 TRAIN_TILE = 512  # training rows the kernel scans per test row in turn (~420 KB, stays in L2)
 CHECK_BYTES = 384  # the kernel compares a partial distance with the k-th best so far every this many bytes
 # Instruction sets the kernel has a variant for: bytes per instruction, and the LLVM intrinsic that
