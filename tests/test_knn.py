@@ -125,10 +125,10 @@ def test_a_tied_vote_goes_to_the_smallest_label():
 @pytest.mark.xdist_group("numba")
 def test_exact_figure_on_a_fixed_subset_with_the_numpy_reference(fashion):
     x_train, y_train, x_test, y_test = fashion
-    predictions = knn.predict(x_test[:100], x_train, y_train, backend="numpy")
-    # The first 100 test images: 85 right, measured once with this reference (the first 200: 177).
-    assert int((predictions == y_test[:100]).sum()) == 85
-    assert np.array_equal(predictions, knn.predict(x_test[:100], x_train, y_train, backend="numba"))
+    predictions = knn.predict(x_test[:50], x_train, y_train, backend="numpy")
+    # The first 50 test images: 41 right, measured once with this reference (the first 100: 85).
+    assert int((predictions == y_test[:50]).sum()) == 41
+    assert np.array_equal(predictions, knn.predict(x_test[:50], x_train, y_train, backend="numba"))
 
 
 
