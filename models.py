@@ -152,7 +152,7 @@ def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
     try:
         os.unlink(tmp)  # Keras writes the file itself; it must not exist yet for .keras
         if path.suffix == ".h5":
-            model.save(tmp, include_optimizer=include_optimizer)
+            save_h5(model, tmp, include_optimizer)
         else:
             model.save(tmp)
         os.chmod(tmp, 0o644)
@@ -163,6 +163,19 @@ def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
     if info is not None:
         write_json(path.with_suffix(".json"), info)
     return path
+
+
+def save_h5(model, path, include_optimizer):
+    """model.save to .h5, keeping the model's compile settings whole: Keras's legacy writer takes the
+    optimizer out of them (keras 3.15), so a later .keras save would reload with RMSprop, not the
+    model's optimizer."""
+    settings = getattr(getattr(model, "_compile_config", None), "config", None)
+    optimizer = settings.get("optimizer") if isinstance(settings, dict) else None
+    try:
+        model.save(path, include_optimizer=include_optimizer)
+    finally:
+        if optimizer is not None:
+            settings["optimizer"] = optimizer
 
 
 def write_json(path, info):

@@ -69,6 +69,15 @@ def test_save_load_predict_gives_identical_outputs(models_dir, model, suffix):
     assert plain.count_params() == model.count_params()
 
 
+def test_a_keras_file_saved_after_an_h5_one_keeps_the_optimizer(models_dir):
+    model = models.build_cnn(optimizer="sgd", learning_rate=0.05)
+    models.save_model(model, "first")  # .h5 with its optimizer
+    path = models.save_model(model, "then", suffix=".keras")
+    plain = keras.models.load_model(path)
+    assert isinstance(plain.optimizer, keras.optimizers.SGD)
+    assert len(plain.optimizer.variables) == len(model.optimizer.variables)
+
+
 def test_an_interrupted_save_leaves_no_file(models_dir, model, monkeypatch):
     def broken_save(self, path, **kwargs):
         with open(path, "wb") as f:
