@@ -286,8 +286,8 @@ def validation_share(x_val, y_val, replicas=1, group=ProcessGroup(None, 1, 0)):
 
 def resume_everywhere(build, load, lead, resume_path):
     """--resume --distribute: every process builds the model (build(), in the run's scope, with its
-    optimizer built, as models.build_cnn does); process 0 loads the stopped run's (load(), on its machine) and every process takes its
-    weights and optimizer state."""
+    optimizer built, as models.build_cnn does); process 0 loads the stopped run's (load(), on its
+    machine) and every process takes its weights and optimizer state."""
     model = build()
     variables = [*model.variables, *model.optimizer.variables]
     values = [np.zeros(v.shape, v.dtype) for v in variables]
