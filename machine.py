@@ -175,13 +175,20 @@ def device_name():
     return f"CPU: {cpu_name()}, {os.cpu_count()} cores"
 
 
-def git_state():
-    """(commit, dirty) of the checkout the scripts run from; (None, None) outside a git checkout."""
+# What runs write, not code: a committed model or resume state that a run has since replaced does not
+# make the checkout's code differ from its commit.
+OUTPUT_FOLDERS = ("models", "screenshots")
+
+
+def git_state(root=ROOT):
+    """(commit, dirty) of the checkout the scripts run from; (None, None) outside a git checkout.
+    dirty: a tracked file outside OUTPUT_FOLDERS differs from the commit."""
+    outputs = [f":(exclude){folder}" for folder in OUTPUT_FOLDERS]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=10, check=True).stdout
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
+                                 cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None, None
     return commit, bool(changes.strip())
@@ -203,7 +210,7 @@ def environment():
     return {
         "argv": sys.argv,
         "git_commit": commit,
-        "git_dirty": dirty,  # True: the checkout had uncommitted changes to tracked files
+        "git_dirty": dirty,  # True: the checkout's code had uncommitted changes (git_state)
         "device": device_name(),
         "backend": f"{backend} {backend_version}",
         "python": platform.python_version(),

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import data
+import machine
 import models
 import sandbox
 import train
@@ -266,6 +267,25 @@ def test_all_data_and_minutes(project, monkeypatch):
     assert np.isnan(history["val_accuracy"]).all()  # Keras's CSVLogger writes NA
     assert record["epochs_done"] == record["settings"]["epochs"] >= 1
     assert record["timed"]["train_images_per_s"] > 0 and record["timed"]["epoch_seconds"] > 0
+
+
+def test_a_replaced_model_or_resume_state_does_not_make_the_code_dirty(tmp_path):
+    """A run spanning sessions has its resume state committed, then replaces it every epoch: the
+    record's git_dirty speaks of the code, not of models/ and screenshots/."""
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    for path in ("train.py", "models/full_1_resume.keras", "screenshots/full_1/Training_history.png"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("committed")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "start")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "models" / "full_1_resume.keras").write_text("after another epoch")
+    (tmp_path / "screenshots" / "full_1" / "Training_history.png").write_text("redrawn")
+    (tmp_path / "models" / "mine.h5").write_text("a new, untracked model")
+    assert machine.git_state(tmp_path) == (head, False)
+    (tmp_path / "train.py").write_text("edited")
+    assert machine.git_state(tmp_path) == (head, True)
 
 
 # ---- The README's commands: a process to stop with Ctrl-C, then --resume ----
