@@ -272,14 +272,15 @@ def test_all_data_and_minutes(project, monkeypatch):
 def test_a_replaced_model_or_resume_state_does_not_make_the_code_dirty(tmp_path):
     """A run spanning sessions has its resume state committed, then replaces it every epoch: the
     record's git_dirty speaks of the code, not of models/ and screenshots/."""
-    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git = lambda *args: subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,  # noqa: E731
+                                       text=True).stdout.strip()
     git("init", "-q")
     for path in ("train.py", "models/full_1_resume.keras", "screenshots/full_1/Training_history.png"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("committed")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "start")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
     (tmp_path / "models" / "full_1_resume.keras").write_text("after another epoch")
     (tmp_path / "screenshots" / "full_1" / "Training_history.png").write_text("redrawn")
     (tmp_path / "models" / "mine.h5").write_text("a new, untracked model")
