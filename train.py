@@ -230,6 +230,21 @@ def load_resume_model(files):
                  f"the best checkpoint so far is {files['best'].name}; start the run again with --overwrite")
 
 
+def check_resume_pair(model, epochs_done, steps, files, lead=True):
+    """Exit with one line, changing nothing, when the resume state's model and its JSON come from
+    different saves (copied or restored one without the other, or a stop between the two writes):
+    the optimizer's step count tells how many epochs the model has trained. Rounded, because a
+    float16 run's loss scaling skips a few steps whose gradients overflowed, far fewer than an epoch."""
+    trained = round(int(model.optimizer.iterations) / steps)
+    if trained == epochs_done:
+        return
+    if not lead:
+        sys.exit(1)  # process 0 says why
+    sys.exit(f"error: {files['resume'].name} has trained {trained} epochs but {files['resume_info'].name} says "
+             f"{epochs_done}: the two come from different saves; put back both files from one save "
+             f"({files['csv'].name} has a row per epoch done)")
+
+
 def trim_history(csv_path, epochs_done):
     """Drop rows of epochs after `epochs_done` from the CSV (written before a stop saved their state)."""
     if not csv_path.exists():
@@ -550,7 +565,7 @@ def fit_epochs_to_minutes(minutes, settings, run_info, x_train, n_train, n_val, 
           f"{settings['epochs']} epochs fit in {minutes:g} minutes (the same run again: --epochs {settings['epochs']})")
 
 
-def resume_model(files, settings, steps, extended, scope=None, lead=True):
+def resume_model(files, settings, steps, extended, epochs_done, scope=None, lead=True):
     """The stopped run's model, weights and optimizer state; a longer cosine run gets its schedule
     rebuilt over the new length (else the learning rate would sit at 0 after the old end). Under
     --distribute (a scope), every process builds the model in it and takes process 0's state."""
@@ -566,6 +581,7 @@ def resume_model(files, settings, steps, extended, scope=None, lead=True):
 
         model = distribute.resume_everywhere(build, lambda: load_resume_model(files), lead,
                                              files and files["resume"])
+    check_resume_pair(model, epochs_done, steps, files, lead)
     if rebuilt:
         print(f"The cosine schedule is rebuilt over {settings['epochs']} epochs from step "
               f"{int(model.optimizer.iterations)}: the learning rate jumps to where the longer run would be")
@@ -625,7 +641,7 @@ def main(argv=None):
     # Model: new, or the stopped run's; one initial model in every process (the same seed).
     mirrored = args.distribute and keras.backend.backend() == "tensorflow"  # MirroredStrategy
     if first_epoch:
-        model = resume_model(files, settings, steps, extended, scope if args.distribute else None, lead)
+        model = resume_model(files, settings, steps, extended, first_epoch, scope if args.distribute else None, lead)
     else:
         with scope():
             model = build_model(settings, steps)

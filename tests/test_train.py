@@ -164,6 +164,7 @@ def weights(path):
 def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project):
     run("--epochs", "2", *SMALL, "--name", "whole")
     run("--epochs", "1", *SMALL, "--name", "split")
+    after_1 = train.run_files("split")["resume_info"].read_text()
     run("--resume", "--epochs", "2", "--name", "split")
     for a, b in zip(weights(project / "models" / "whole.h5"), weights(project / "models" / "split.h5")):
         assert np.array_equal(a, b)
@@ -187,6 +188,14 @@ def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project)
     assert (args.seed, args.limit, resumed_settings, extended) == (9, 40, settings, False)
     assert resumed["epochs_done"] == 0 and resumed["resumed_with"] == ["python train.py --resume --name C"]
     assert "nothing of 'D' to resume" in refused("--resume", "--name", "D")
+    # split's model after epoch 2 beside its JSON of epoch 1 (one put back without the other, or a
+    # stop between the two writes): refused, nothing changed, rather than epoch 2 trained twice.
+    files = train.run_files("split")
+    files["resume_info"].write_text(after_1)
+    before = {path: path.read_bytes() for path in (files["resume"], files["resume_info"], files["csv"])}
+    message = refused("--resume", "--epochs", "3", "--name", "split")
+    assert "split_resume.keras has trained 2 epochs but split_resume.json says 1" in message
+    assert before == {path: path.read_bytes() for path in before}
 
 
 def test_latest_is_replaced_but_a_named_model_only_with_overwrite(project):
