@@ -246,11 +246,12 @@ def check_resume_pair(model, epochs_done, steps, files, lead=True):
 
 
 def trim_history(csv_path, epochs_done):
-    """Drop rows of epochs after `epochs_done` from the CSV (written before a stop saved their state)."""
+    """Drop rows of epochs after `epochs_done` from the CSV (written before a stop saved their state).
+    Byte for byte: the rows kept keep Keras's line ends (CRLF), as the rows the resumed run adds."""
     if not csv_path.exists():
         return
-    lines = csv_path.read_text().splitlines(keepends=True)
-    data.write_text(csv_path, "".join(lines[:1 + epochs_done]))
+    lines = csv_path.read_bytes().splitlines(keepends=True)
+    data.atomic_write(csv_path, lambda f: f.write(b"".join(lines[:1 + epochs_done])))
 
 
 # ---- Training pieces ----

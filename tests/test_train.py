@@ -168,7 +168,7 @@ def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project)
     run("--resume", "--epochs", "2", "--name", "split")
     for a, b in zip(weights(project / "models" / "whole.h5"), weights(project / "models" / "split.h5")):
         assert np.array_equal(a, b)
-    assert (project / "models" / "whole.csv").read_text() == (project / "models" / "split.csv").read_text()
+    assert (project / "models" / "whole.csv").read_bytes() == (project / "models" / "split.csv").read_bytes()
     whole, split = info("whole"), info("split")
     assert split["epochs_done"] == 2 and split["resumed_with"] == ["python train.py --resume --epochs 2 --name split"]
     assert (whole["test_accuracy"], whole["val_loss"]) == (split["test_accuracy"], split["val_loss"])
