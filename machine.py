@@ -178,11 +178,14 @@ def device_name():
 # What runs write, not code: a committed model or resume state that a run has since replaced does not
 # make the checkout's code differ from its commit.
 OUTPUT_FOLDERS = ("models", "screenshots")
+COMMIT_VARIABLE = "FASHION_GIT_COMMIT"  # the commit a copy without .git was made from
 
 
 def git_state(root=ROOT):
-    """(commit, dirty) of the checkout the scripts run from; (None, None) outside a git checkout.
-    dirty: a tracked file outside OUTPUT_FOLDERS differs from the commit."""
+    """(commit, dirty) of the checkout the scripts run from. dirty: a tracked file outside
+    OUTPUT_FOLDERS differs from the commit. Outside a git checkout (a copy of the scripts sent to
+    another machine, without .git): (FASHION_GIT_COMMIT, None), the commit the sender names; else
+    (None, None)."""
     outputs = [f":(exclude){folder}" for folder in OUTPUT_FOLDERS]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -190,7 +193,7 @@ def git_state(root=ROOT):
         changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
                                  cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return os.environ.get(COMMIT_VARIABLE) or None, None
     return commit, bool(changes.strip())
 
 
@@ -207,6 +210,13 @@ def environment():
     except importlib.metadata.PackageNotFoundError:
         backend_version = "unknown"
     commit, dirty = git_state()
+    # float32 products under JAX: "default" lets XLA use TF32 tensor cores on NVIDIA GPUs (Ampere on),
+    # as TensorFlow does by default; "highest" asks for full float32 (JAX_DEFAULT_MATMUL_PRECISION)
+    precision = {}
+    if backend == "jax":
+        import jax
+
+        precision["matmul_precision"] = jax.config.jax_default_matmul_precision or "default"
     return {
         "argv": sys.argv,
         "git_commit": commit,
@@ -219,4 +229,5 @@ def environment():
         "platform": platform.platform(),
         # e.g. tcmalloc (README, "Speed"): a faster CPU run, the same weights; timings depend on it
         "preloaded": os.environ.get("LD_PRELOAD") or None,
+        **precision,
     }

@@ -376,6 +376,10 @@ class CtrlC(keras.callbacks.Callback):
     training would go on. Here the handler only sets a flag; the callback raises
     KeyboardInterrupt between steps (and Checkpoints after its saves). A second Ctrl-C
     raises at once.
+
+    The flag is read before each step, not after: a callback with a batch-end hook makes Keras
+    wait for every step's loss before the next step starts, which under JAX (whose backend can
+    run such hooks in a thread) keeps a GPU idle between steps.
     """
 
     def __init__(self):
@@ -398,10 +402,10 @@ class CtrlC(keras.callbacks.Callback):
         if self.pressed:
             raise KeyboardInterrupt
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
         self.check()
 
-    def on_test_batch_end(self, batch, logs=None):
+    def on_test_batch_begin(self, batch, logs=None):
         self.check()
 
 

@@ -298,6 +298,24 @@ def test_a_replaced_model_or_resume_state_does_not_make_the_code_dirty(tmp_path)
     assert machine.git_state(tmp_path) == (head, True)
 
 
+def test_no_callback_of_train_py_waits_for_each_steps_loss():
+    """Keras runs batch-end hooks in a thread under JAX only when no callback defines one of its own;
+    one that does makes every step wait for the last step's loss (a GPU idles between steps)."""
+    callbacks = [train.CtrlC(), train.DropoutStreams(1), train.Checkpoints({}, {}, None)]
+    for callback in callbacks:
+        for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end"):
+            assert getattr(type(callback), hook) is getattr(keras.callbacks.Callback, hook), (callback, hook)
+
+def test_a_copy_without_git_records_the_commit_its_sender_names(tmp_path, monkeypatch):
+    """Scripts copied to another machine (a GPU box) without .git: the record keeps the commit
+    named by FASHION_GIT_COMMIT, and says nothing about uncommitted changes it cannot see."""
+    monkeypatch.delenv(machine.COMMIT_VARIABLE, raising=False)
+    assert machine.git_state(tmp_path) == (None, None)
+    monkeypatch.setenv(machine.COMMIT_VARIABLE, "ee62368")
+    assert machine.git_state(tmp_path) == ("ee62368", None)
+    assert machine.git_state(ROOT)[0] != "ee62368"  # a real checkout's own HEAD wins
+
+
 # ---- The README's commands: a process to stop with Ctrl-C, then --resume ----
 
 def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(project, capsys):
