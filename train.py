@@ -58,17 +58,19 @@ RECIPES = {
         augment="copies",       # copies: fixed copies made once; online: fresh flips and erasing every epoch
         augment_copies=2,       # flipped-and-erased copies per image (copies only; 0: no augmentation)
         erase_fill="box",       # box: one grey level per erased box; pixel: a value per pixel
+        erase_placement="original",  # as the original's eraser: size and place redrawn until the box fits
         label_smoothing=0.0,    # 0: plain cross-entropy
         weight_decay=0.0,       # decoupled weight decay (AdamW-style); 0: none
         mixed_precision=False,  # bfloat16 on CPUs, float16 on GPUs; "auto": where the hardware has it
     ),
     # About an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 5: ~40 s an epoch).
     "fast": dict(epochs=80, batch_size=250, optimizer="adam", lr=2e-3, schedule="cosine", warmup_epochs=1.0,
-                 dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", label_smoothing=0.0,
+                 dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", erase_placement="paper",
+                 label_smoothing=0.0,
                  weight_decay=0.0, mixed_precision="auto"),
 }
 CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"), "dropout": tuple(models.DROPOUT_PRESETS),
-           "augment": ("copies", "online"), "erase_fill": erasing.FILLS}
+           "augment": ("copies", "online"), "erase_fill": erasing.FILLS, "erase_placement": erasing.PLACEMENTS}
 HELP = {
     "epochs": "passes over the training images", "batch_size": "images per step",
     "optimizer": "optimizer (sgd: Nesterov momentum 0.9)", "lr": "peak learning rate",
@@ -78,6 +80,9 @@ HELP = {
     "augment": "fixed copies made once, or fresh flips and erasing every epoch",
     "augment_copies": "augmented copies per image (copies only; 0: none)",
     "erase_fill": "Random Erasing fill: one grey level per box, or one value per pixel",
+    "erase_placement": "Random Erasing box: as the paper (size redrawn, then a place that fits), or as the "
+                       "original write-up's eraser (size and place redrawn together until it fits: fewer large "
+                       "boxes)",
     "label_smoothing": "label smoothing", "weight_decay": "decoupled weight decay",
     "mixed_precision": "bfloat16 on CPUs, float16 on GPUs",
 }
@@ -269,12 +274,18 @@ def set_precision(mixed):
     return policy
 
 
+def erasing_of(settings):
+    """Random Erasing's options in a run's settings. A run recorded before erase_placement existed
+    placed its boxes as the paper says."""
+    return dict(fill=settings["erase_fill"], placement=settings.get("erase_placement", "paper"))
+
+
 def training_images(x, y, settings, seed):
     """The images an epoch goes through: with "copies", the originals and `augment_copies`
     flipped-and-erased copies of each, made once (51,000 images give 153,000); with "online",
     the originals, flipped and erased anew by batches() every epoch."""
     if settings["augment"] == "copies":
-        return erasing.augment(x, y, settings["augment_copies"], rng=seed, fill=settings["erase_fill"])
+        return erasing.augment(x, y, settings["augment_copies"], rng=seed, **erasing_of(settings))
     return x, y
 
 
@@ -307,17 +318,17 @@ def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=
     augmented alike.
     """
     positions, sizes = feed_plan(len(x), settings["batch_size"], replicas, process, processes)
-    online, fill = settings["augment"] == "online", settings["erase_fill"]
+    online, erase = settings["augment"] == "online", erasing_of(settings)
     for epoch in itertools.count(first_epoch):
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(x))
         if online and processes == 1:
-            x_epoch = erasing.flip_and_erase(x[order], rng, fill=fill)
+            x_epoch = erasing.flip_and_erase(x[order], rng, **erase)
             x_epoch = x_epoch[positions] if len(positions) < len(x) else x_epoch
         else:
             x_epoch = x[order[positions]]
             if online:
-                x_epoch = erasing.flip_and_erase(x_epoch, np.random.default_rng([seed, epoch, process]), fill=fill)
+                x_epoch = erasing.flip_and_erase(x_epoch, np.random.default_rng([seed, epoch, process]), **erase)
         y_epoch = y[order[positions]]
         for start, stop in itertools.pairwise(np.cumsum([0, *sizes])):
             yield models.prepare(x_epoch[start:stop]), y_epoch[start:stop]

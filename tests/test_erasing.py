@@ -197,3 +197,69 @@ def test_augment_keeps_the_originals_first_then_adds_the_copies():
     assert erasing.augment(x, y, copies=0)[0].shape == (1000, 28, 28)
     boxed, _ = erasing.augment(x, y, copies=1, rng=7, fill="box")
     assert np.array_equal(boxed[:1000], x) and not np.array_equal(boxed, x_aug[:2000])
+
+
+# ---- placement="original": the original write-up's eraser ----
+
+def original_eraser_box(rng, h, w, sl=0.02, sh=0.4, r1=0.3):
+    """One box as the original write-up's eraser (yu4u's, defaults) drew it, one image at a time:
+    (top, left, height, width)."""
+    while True:
+        area = rng.uniform(sl, sh) * h * w
+        ratio = rng.uniform(r1, 1 / r1)
+        width, height = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        left, top = rng.integers(0, w), rng.integers(0, h)
+        if left + width <= w and top + height <= h:
+            return top, left, height, width
+
+
+@pytest.mark.parametrize("h, w", [(28, 28), (20, 36)])
+def test_original_placement_draws_boxes_as_the_original_eraser_did(h, w):
+    """Same distribution as the one-image-at-a-time oracle above: box sides, areas and corners."""
+    rng = np.random.default_rng(20)
+    oracle = np.array([original_eraser_box(rng, h, w) for _ in range(20_000)], dtype=float)
+    top, left, height, width, erased = erase_boxes(40_000, h, w, p=1.0, rng=21, placement="original")
+    assert erased.all()
+    boxes = np.stack([top, left, height, width, height * width], axis=1).astype(float)
+    oracle = np.column_stack([oracle, oracle[:, 2] * oracle[:, 3]])
+    for column in range(5):
+        a, b = boxes[:, column], oracle[:, column]
+        standard_error = np.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert abs(a.mean() - b.mean()) < 5 * standard_error, column
+    assert np.all((top + height <= h) & (left + width <= w))
+    # Sides truncated: height <= sqrt(S*r) < height + 1, width likewise, so S lies in
+    # [height * width, (height + 1) * (width + 1)), which must meet the requested range.
+    assert np.all(height * width <= 0.4 * h * w) and np.all((height + 1) * (width + 1) > 0.02 * h * w)
+
+
+def test_original_placement_keeps_fewer_large_boxes_than_the_paper():
+    """Large boxes fit in fewer places, and the original eraser redrew their size with their place."""
+    area = {}
+    for placement in ("paper", "original"):
+        _, _, height, width, erased = erase_boxes(40_000, 28, 28, p=1.0, rng=22, placement=placement)
+        area[placement] = (height * width)[erased] / 784
+    assert 0.195 < area["paper"].mean() < 0.207 and 0.13 < area["original"].mean() < 0.14
+    assert (area["original"] > 0.3).mean() < 0.1 < 0.2 < (area["paper"] > 0.3).mean()
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_original_placement_erases_a_fraction_p(p):
+    *_, erased = erase_boxes(20_000, 28, 28, p=p, rng=23, placement="original")
+    assert abs(erased.mean() - p) < 4 * np.sqrt(p * (1 - p) / 20_000)
+
+
+def test_a_box_that_can_never_fit_leaves_its_image_unchanged():
+    images = np.full((50, 4, 4), 7, dtype=np.uint8)
+    out = random_erasing(images, p=1.0, sl=3.0, sh=4.0, rng=24, placement="original")  # 3-4 times the image
+    assert np.array_equal(out, images)
+
+
+def test_augment_passes_the_placement_on():
+    x, y = data.load_data("train")
+    x, y = x[:500], y[:500]
+    placed, _ = erasing.augment(x, y, copies=1, rng=25, fill="box", placement="original")
+    expected = erasing.flip_and_erase(x, np.random.default_rng(25), fill="box", placement="original")
+    assert np.array_equal(placed[500:], expected)
+    assert not np.array_equal(placed, erasing.augment(x, y, copies=1, rng=25, fill="box")[0])
+    with pytest.raises(ValueError, match="placement must be one of"):
+        erase_boxes(2, 8, 8, placement="centre")

@@ -43,6 +43,15 @@ def test_flags_override_the_recipe_and_the_rest_comes_from_it():
     args, settings = train.parse_args([])
     assert settings == train.RECIPES["original"] and args.seed == train.SEED and args.name is None
     assert settings["erase_fill"] == "box" and train.RECIPES["fast"]["erase_fill"] == "pixel"
+    assert settings["erase_placement"] == "original" and train.RECIPES["fast"]["erase_placement"] == "paper"
+
+
+def test_a_run_recorded_before_erase_placement_existed_keeps_the_papers_placement():
+    """Such runs (full_1 and full_2 among them) placed their boxes as the paper says; their
+    --resume must go on doing so."""
+    recorded = {key: value for key, value in train.RECIPES["original"].items() if key != "erase_placement"}
+    assert train.erasing_of(recorded) == {"fill": "box", "placement": "paper"}
+    assert train.erasing_of(train.RECIPES["original"]) == {"fill": "box", "placement": "original"}
 
 
 def test_every_setting_has_a_flag_with_its_defaults_in_the_help(capsys):
@@ -53,6 +62,7 @@ def test_every_setting_has_a_flag_with_its_defaults_in_the_help(capsys):
         assert f"--{key.replace('_', '-')}" in text
         assert f"(default: {default}; fast: {train.RECIPES['fast'][key]})" in text
     assert "--erase-fill {pixel,box}" in text and "--dropout {full_1,full_2,fast}" in text
+    assert "--erase-placement {paper,original}" in text
 
 
 @pytest.mark.parametrize("argv, message", [
