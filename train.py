@@ -66,8 +66,7 @@ RECIPES = {
     # About an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 5: ~40 s an epoch).
     "fast": dict(epochs=80, batch_size=250, optimizer="adam", lr=2e-3, schedule="cosine", warmup_epochs=1.0,
                  dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", erase_placement="paper",
-                 label_smoothing=0.0,
-                 weight_decay=0.0, mixed_precision="auto"),
+                 label_smoothing=0.0, weight_decay=0.0, mixed_precision="auto"),
 }
 CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"), "dropout": tuple(models.DROPOUT_PRESETS),
            "augment": ("copies", "online"), "erase_fill": erasing.FILLS, "erase_placement": erasing.PLACEMENTS}

@@ -316,6 +316,7 @@ def test_no_callback_of_train_py_waits_for_each_steps_loss():
         for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end"):
             assert getattr(type(callback), hook) is getattr(keras.callbacks.Callback, hook), (callback, hook)
 
+
 def test_a_copy_without_git_records_the_commit_its_sender_names(tmp_path, monkeypatch):
     """Scripts copied to another machine (a GPU box) without .git: the record keeps the commit
     named by FASHION_GIT_COMMIT, and says nothing about uncommitted changes it cannot see."""
