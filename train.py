@@ -273,6 +273,15 @@ def set_precision(mixed):
     return policy
 
 
+def bf16_warning(resuming):
+    """The line a bfloat16 run prints on a CPU that emulates bfloat16 (README, 'Speed': an epoch 11x slower
+    than float32 on an AMD EPYC with AVX2), with what to do instead."""
+    advice = ("this run was started in bfloat16 and keeps it: continue it on a CPU with AVX512_BF16 or AMX"
+              if resuming else "leave out --mixed-precision here")
+    return (f"warning: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX), so bfloat16 is emulated, "
+            f"several times slower than float32 (README, 'Speed'); {advice}")
+
+
 def erasing_of(settings):
     """Random Erasing's options in a run's settings. A run recorded before erase_placement existed
     placed its boxes as the paper says."""
@@ -447,6 +456,7 @@ class Checkpoints(keras.callbacks.Callback):
         super().__init__()
         self.files, self.run_info, self.ctrl_c = files, run_info, ctrl_c
         self.best = run_info.get("best_val_accuracy", -1.0)
+        self.session_seconds = []  # this session's epochs: the pace of this machine, now
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
@@ -458,11 +468,25 @@ class Checkpoints(keras.callbacks.Callback):
             self.run_info.update(best_val_accuracy=val_accuracy, best_epoch=epoch + 1)
             distribute.save(self.model, self.files["best"], include_optimizer=False)
             print(f"\nEpoch {epoch + 1}: val_accuracy improved to {val_accuracy:.4f}, saved {self.files['best'].name}")
-        self.run_info.update(epochs_done=epoch + 1,
-                             train_seconds=self.run_info["train_seconds"] + time.perf_counter() - self.epoch_start)
+        seconds = time.perf_counter() - self.epoch_start
+        self.session_seconds.append(seconds)
+        self.run_info.update(epochs_done=epoch + 1, train_seconds=self.run_info["train_seconds"] + seconds)
         distribute.save(self.model, self.files["resume"])
         models.write_json(self.files["resume_info"], self.run_info)
+        left = self.params["epochs"] - (epoch + 1)
+        if left:
+            print(time_left(left, self.session_seconds))
         self.ctrl_c.check()
+
+
+def time_left(epochs_left, session_seconds):
+    """The line after an epoch: how long the epochs left take at this session's pace (the first
+    epoch of a session, which builds the model's functions, counts only while it is the only one)."""
+    pace = session_seconds[1:] or session_seconds
+    seconds = round(epochs_left * sum(pace) / len(pace))
+    hours, minutes = divmod(round(seconds / 60), 60)
+    remaining = f"{hours} h {minutes} min" if hours else f"{minutes} min" if minutes else f"{seconds} s"
+    return f"{epochs_left} epoch{'s' * (epochs_left > 1)} to go: about {remaining} at this pace"
 
 
 def record(model, name, run_info, epochs, x_val, y_val, x_test, y_test):
@@ -545,6 +569,8 @@ def set_up_backend(seed, settings, run_info, devices=None):
         print(f"Data parallel on {replicas} replica{'s' * (replicas > 1)} in {processes} "
               f"process{'es' * (processes > 1)}, {settings['batch_size'] // replicas} images each a step: "
               f"{', '.join(devices)}")
+    if run_info["dtype_policy"] == "mixed_bfloat16" and machine.cpu_emulates_bf16():
+        print(bf16_warning(resuming="resumed_with" in run_info), file=sys.stderr)
     gpus = machine.accelerators()
     if machine.nvidia_gpu_present() and not gpus:
         print(f"warning: this machine has an NVIDIA GPU that the {keras.backend.backend()} backend does not see; "

@@ -110,6 +110,12 @@ def test_the_epoch_budget_leaves_time_for_the_final_evaluation():
     assert train.epoch_budget(0.01, 1000, 4000, 51000, 9000, 10000)[0] == 1  # never less than one
 
 
+def test_the_time_left_is_told_at_this_sessions_pace_without_its_first_epoch():
+    assert train.time_left(99, [960.0]) == "99 epochs to go: about 26 h 24 min at this pace"
+    assert train.time_left(2, [40.0, 700.0, 800.0]) == "2 epochs to go: about 25 min at this pace"
+    assert train.time_left(1, [9.0, 3.0]) == "1 epoch to go: about 3 s at this pace"
+
+
 def test_batches_cover_each_epoch_once_seeded_by_seed_and_epoch():
     x = np.arange(1000, dtype=np.uint8).reshape(-1, 1, 1).repeat(28, 1).repeat(28, 2)[:1000]
     y = np.arange(1000) % 10
@@ -273,6 +279,24 @@ def test_extending_a_cosine_run_rebuilds_its_schedule(project, capsys):
     schedule = optimizer._learning_rate  # the schedule itself, to read it at every step
     rates = [float(schedule(step)) for step in range(steps)]
     assert all(rate > 0 for rate in rates[:-1]) and rates[3] == pytest.approx(2e-3)
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_is_run_as_asked_with_a_warning(project, monkeypatch, capsys):
+    """--mixed-precision (and --resume of such a run) on a CPU without AVX512_BF16 or AMX: bfloat16 as
+    asked, and one line that says it is emulated and what to do; "auto" picks float32 there."""
+    assert machine.cpu_emulates_bf16({"avx2", "fma"}) and not machine.cpu_emulates_bf16(set())
+    assert not machine.cpu_emulates_bf16({"avx2", "avx512_bf16"}) and not machine.cpu_emulates_bf16({"amx_bf16"})
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"sse2", "avx2", "fma"})
+    run("--mixed-precision", "--epochs", "1", *TINY[2:], "--name", "emulated")
+    assert info("emulated")["dtype_policy"] == "mixed_bfloat16"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "bfloat16 is emulated" in line]
+    assert warnings == [train.bf16_warning(resuming=False)] and "leave out --mixed-precision" in warnings[0]
+    run("--resume", "--epochs", "2", "--name", "emulated")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "bfloat16 is emulated" in line]
+    assert warnings == [train.bf16_warning(resuming=True)] and "continue it on a CPU with" in warnings[0]
+    assert train.set_precision("auto") == "float32"
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert train.set_precision("auto") == "mixed_bfloat16"
 
 
 def test_all_data_and_minutes(project, monkeypatch):
