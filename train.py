@@ -462,12 +462,13 @@ class Checkpoints(keras.callbacks.Callback):
         self.epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        lines = []
         val_accuracy = float((logs or {}).get("val_accuracy", float("nan")))
         if val_accuracy > self.best:
             self.best = val_accuracy
             self.run_info.update(best_val_accuracy=val_accuracy, best_epoch=epoch + 1)
             distribute.save(self.model, self.files["best"], include_optimizer=False)
-            print(f"\nEpoch {epoch + 1}: val_accuracy improved to {val_accuracy:.4f}, saved {self.files['best'].name}")
+            lines.append(f"Epoch {epoch + 1}: val_accuracy improved to {val_accuracy:.4f}, saved {self.files['best'].name}")
         seconds = time.perf_counter() - self.epoch_start
         self.session_seconds.append(seconds)
         self.run_info.update(epochs_done=epoch + 1, train_seconds=self.run_info["train_seconds"] + seconds)
@@ -475,7 +476,9 @@ class Checkpoints(keras.callbacks.Callback):
         models.write_json(self.files["resume_info"], self.run_info)
         left = self.params["epochs"] - (epoch + 1)
         if left:
-            print(time_left(left, self.session_seconds))
+            lines.append(time_left(left, self.session_seconds))
+        if lines:  # on a line of their own: in a terminal, Keras's progress bar has not ended its line yet
+            print("\n" + "\n".join(lines))
         self.ctrl_c.check()
 
 
