@@ -129,19 +129,16 @@ def cpu_flags():
     return set()
 
 
-BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
-
-
-def cpu_has_bf16():
-    """True when the CPU computes bfloat16 natively (AVX512_BF16 or AMX); emulated, it is slower."""
-    return bool(BF16_FLAGS & cpu_flags())
+def cpu_has_bf16(flags=None):
+    """True when the CPU (or these flags) computes bfloat16 natively (AVX512_BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & (cpu_flags() if flags is None else flags))
 
 
 def cpu_emulates_bf16(flags=None):
-    """True when the CPU's flags are known and name neither AVX512_BF16 nor AMX: bfloat16 runs
-    emulated there, several times slower than float32. False where the flags are unknown."""
+    """True when the CPU's flags are known and lack bfloat16: it runs emulated there, several
+    times slower than float32. False where the flags are unknown."""
     flags = cpu_flags() if flags is None else flags
-    return bool(flags) and not BF16_FLAGS & flags
+    return bool(flags) and not cpu_has_bf16(flags)
 
 
 def nvidia_gpu_present(proc=Path("/proc/driver/nvidia/gpus"), dev=Path("/dev")):
