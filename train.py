@@ -15,7 +15,8 @@ A run NAME (default "latest") owns its files in models/: NAME.h5 and NAME.json a
 best validation checkpoint NAME_acc.h5 (+ .json) after every epoch that improves it, the history
 NAME.csv, and the resume state NAME_resume.keras (+ .json); its history plot goes to
 screenshots/NAME/. An existing model is never replaced unless --overwrite says so ("latest",
-the scratch name, excepted), and two runs of one name cannot run at once.
+the scratch name, excepted: a new run replaces it, but asks first at a terminal, and says so
+otherwise, when it replaces a stopped run), and two runs of one name cannot run at once.
 """
 
 import argparse
@@ -87,7 +88,7 @@ HELP = {
 }
 SEED = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-SCRATCH_NAME = "latest"  # the default name; a new run replaces it without asking
+SCRATCH_NAME = "latest"  # the default name; a new run replaces it (a stopped one: see claim)
 SCREENSHOTS_DIR = Path(__file__).resolve().parent / "screenshots"
 
 
@@ -208,10 +209,30 @@ def claim(args):
                 what = None
             if what and ask(f"{what}: replace it? [y/N] ", "n").lower() not in ("y", "yes"):
                 sys.exit(f"error: {what}; choose another --name, or add --overwrite to replace it")
+        elif not args.overwrite and (stopped := stopped_at(files)):
+            # The scratch name is replaced without asking, except a stopped run's state: hours, maybe.
+            what = f"the run {SCRATCH_NAME!r} was stopped after epoch {stopped[0]} of {stopped[1]}"
+            if not sys.stdin.isatty():
+                print(f"note: {what}; this new run replaces it (to continue it instead: python train.py --resume)",
+                      file=sys.stderr)
+            elif ask(f"{what}: replace it? [y/N] ", "n").lower() not in ("y", "yes"):
+                sys.exit(f"error: {what} and is kept; continue it with: python train.py --resume, "
+                         f"or choose another --name, or add --overwrite to replace it")
     except SystemExit:
         lock.close()
         raise
     return files, lock
+
+
+def stopped_at(files):
+    """(epochs done, epochs) of a run stopped before its end, with at least one epoch to keep;
+    None if there is none (or its record is unreadable: nothing could resume from it anyway)."""
+    try:
+        info = json.loads(files["resume_info"].read_text())
+        done, epochs = int(info["epochs_done"]), int(info["settings"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (done, epochs) if 0 < done < epochs else None
 
 
 def read_resume_state(files):

@@ -252,6 +252,43 @@ def test_latest_is_replaced_but_a_named_model_only_with_overwrite(project):
     assert "latest_resume.json is damaged" in message and "--overwrite" in message
 
 
+def test_a_new_latest_run_names_resume_before_it_replaces_a_stopped_one(project, monkeypatch, capsys):
+    """`python train.py` twice: the second replaces the first's resume state, as the scratch name's
+    runs do, but not silently; at a terminal it asks, and "no" (the default) keeps everything."""
+    files = train.run_files("latest")
+    files["resume_info"].parent.mkdir(parents=True)
+
+    def start(*argv, answer=None):
+        monkeypatch.setattr(sys.stdin, "isatty", lambda: answer is not None, raising=False)
+        monkeypatch.setattr("builtins.input", lambda question: print(question) or answer)
+        args, _ = train.parse_args(["--name", "latest", *argv])
+        _, lock = train.claim(args)
+        lock.close()
+        return capsys.readouterr()
+
+    stopped = {"settings": {"epochs": 100}, "epochs_done": 18, "seed": 1}
+    models.write_json(files["resume_info"], stopped)
+    note = start().err  # unattended (nohup, a pipe): goes on, and says what it replaces
+    assert note == ("note: the run 'latest' was stopped after epoch 18 of 100; this new run replaces it "
+                    "(to continue it instead: python train.py --resume)\n")
+    assert "replace it? [y/N]" in start(answer="y").out  # at a terminal: asked, and yes goes on
+    for no in ("", "n"):
+        monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+        monkeypatch.setattr("builtins.input", lambda question: no)
+        message = refused("--name", "latest")
+        assert message == ("error: the run 'latest' was stopped after epoch 18 of 100 and is kept; continue it "
+                           "with: python train.py --resume, or choose another --name, or add --overwrite to "
+                           "replace it")
+        assert json.loads(files["resume_info"].read_text()) == stopped
+    # Nothing to lose, or the user said so: no word, no question.
+    assert start("--overwrite", answer="n") == ("", "")
+    for quiet in ({**stopped, "epochs_done": 100}, {**stopped, "epochs_done": 0}):  # ended; stopped in epoch 1
+        models.write_json(files["resume_info"], quiet)
+        assert start(answer="n") == ("", "")
+    files["resume_info"].write_text("{not json")  # nothing could resume from it
+    assert start(answer="n") == ("", "")
+
+
 def test_a_second_run_of_the_same_name_waits_for_nobody(project):
     files = train.run_files("busy")
     files["lock"].parent.mkdir(parents=True)
