@@ -173,6 +173,11 @@ def ask(question, default):
         return default
 
 
+def agrees_to_replace(what):
+    """Whether the user at a terminal answers yes to replacing `what`; no is the default."""
+    return ask(f"{what}: replace it? [y/N] ", "n").lower() in ("y", "yes")
+
+
 def claim(args):
     """The run's files, checked before any work: the name is free (or may be replaced), the
     folders are writable, and no other train.py runs under this name. Exits with one line if not."""
@@ -207,7 +212,7 @@ def claim(args):
                 what = f"a run named {args.name!r} was stopped (continue it with: python train.py --resume{resume})"
             else:
                 what = None
-            if what and ask(f"{what}: replace it? [y/N] ", "n").lower() not in ("y", "yes"):
+            if what and not agrees_to_replace(what):
                 sys.exit(f"error: {what}; choose another --name, or add --overwrite to replace it")
         elif not args.overwrite and (stopped := stopped_at(files)):
             # The scratch name is replaced without asking, except a stopped run's state: hours, maybe.
@@ -215,7 +220,7 @@ def claim(args):
             if not sys.stdin.isatty():
                 print(f"note: {what}; this new run replaces it (to continue it instead: python train.py --resume)",
                       file=sys.stderr)
-            elif ask(f"{what}: replace it? [y/N] ", "n").lower() not in ("y", "yes"):
+            elif not agrees_to_replace(what):
                 sys.exit(f"error: {what} and is kept; continue it with: python train.py --resume, "
                          f"or choose another --name, or add --overwrite to replace it")
     except SystemExit:
