@@ -2,7 +2,7 @@
 
 One process, several devices (the GPUs; FASHION_CPU_DEVICES=N makes N of the CPU): TensorFlow's
 MirroredStrategy or JAX's DataParallel, one replica a device, each taking its share of every global
-batch (train.feed_plan). Several processes, one a machine (JAX only): the same command on each, with
+batch (feed.feed_plan). Several processes, one a machine (JAX only): the same command on each, with
 the KERAS_DISTRIBUTION_* variables naming the processes. They join at the start (join), take process
 0's settings and, resuming, its weights (from_process_0); process 0 alone prints and writes the files.
 """

@@ -254,6 +254,31 @@ def plot_reliability(y, panels, path, title, bins=ECE_BINS):
     return fig
 
 
+def plot_history(csv_path, png_path, show=False):
+    """train.py's plot: accuracy and loss per epoch, training vs validation, from the run's CSV log."""
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))
+    epochs = rows["epoch"] + 1
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, rows[metric], label="training")
+        if not np.isnan(rows[f"val_{metric}"]).all():  # NA throughout with --all-data
+            ax.plot(epochs, rows[f"val_{metric}"], label="validation")
+        ax.set(xlabel="epoch", ylabel=metric, title=f"Model {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    save(fig, png_path)
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
 def plots_folder(names, plots_dir):
     """--plots-dir, else screenshots/ for the shipped model and screenshots/NAME/ for any other."""
     if plots_dir is not None:

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 import machine  # noqa: E402
 import models  # noqa: E402
+import feed  # noqa: E402
 import train  # noqa: E402
 
 import keras  # noqa: E402
@@ -38,7 +39,7 @@ SETTINGS = {  # name: (pipeline, batch size, mixed precision: True, False or "au
 def measure(pipeline, batch_size, mixed, x, y, steps):
     """Images per second over `steps` steps, after one untimed epoch of warm-up."""
     keras.backend.clear_session()
-    policy = train.set_precision(mixed)
+    policy = machine.set_precision(mixed)
     model = models.build_cnn()
     n = steps * batch_size
     if pipeline == "arrays":
@@ -46,7 +47,7 @@ def measure(pipeline, batch_size, mixed, x, y, steps):
         fit = lambda epochs: model.fit(images, y[:n], batch_size=batch_size, epochs=epochs, verbose=0)  # noqa: E731
     else:
         settings = dict(train.RECIPES["fast"], batch_size=batch_size)
-        stream = train.batches(x[:n], y[:n], settings, seed=0, first_epoch=0)
+        stream = feed.batches(x[:n], y[:n], settings, seed=0, first_epoch=0)
         fit = lambda epochs: model.fit(stream, steps_per_epoch=math.ceil(n / batch_size), epochs=epochs, shuffle=False,  # noqa: E731
                                        verbose=0)
     fit(1)  # compile the step function, fill caches

@@ -1,18 +1,29 @@
-"""A copy of the scripts in a temporary folder, for runs as separate processes that must not touch the
+"""Runs of train.py for the tests. In-process (run, refused, under conftest's `project` fixture); and
+as separate processes in a copy of the scripts in a temporary folder, that must not touch the
 project's files: its own models/ and screenshots/, the project's data/ linked.
 
 run_train.py in the copy is train.py with the test images cut to the first 200: these runs test what
 is written and how it trains, not accuracy, and evaluating 10,000 images would be most of their time.
 """
 
+import gc
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import keras
+import pytest
+
 import data
+import models
+import train
 
 ROOT = Path(__file__).resolve().parent.parent
+# Whole batches only (a smaller last batch would cost another trace of the training step).
+TINY = ["--epochs", "1", "--limit", "40", "--batch-size", "51"]  # 34 train (2 steps of 51 with the copies), 6 validate
+SMALL = ["--limit", "60", "--batch-size", "51"]  # 51 train (3 steps of 51 with the copies), 9 validate
 RUNNER = """
 import os, sys
 if os.environ.get("KERAS_BACKEND") == "jax":
@@ -27,7 +38,8 @@ train.main(sys.argv[1:])
 """
 
 
-def make(folder, scripts=("data.py", "distribute.py", "erasing.py", "machine.py", "models.py", "train.py")):
+def make(folder, scripts=("data.py", "distribute.py", "erasing.py", "feed.py", "machine.py", "models.py", "runs.py",
+                         "test.py", "train.py")):
     """The copy in `folder` (made here), with run_train.py beside the scripts."""
     data.get_data("train"), data.get_data("t10k")
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,3 +60,29 @@ def start(folder, *args, **variables):
     to the environment: a Popen whose stdout and stderr are text pipes."""
     return subprocess.Popen([sys.executable, "run_train.py", *args], cwd=folder, env=environment(**variables),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# ---- In-process runs (in conftest's `project`) ----
+
+def run(*argv):
+    train.main(list(argv))
+    return models.MODELS_DIR
+
+
+def info(name):
+    return json.loads((models.MODELS_DIR / f"{name}.json").read_text())
+
+
+def refused(*argv):
+    """The one-line error of a run that must not start."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(list(argv))
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    exit_ = None  # the traceback holds the run's frame, and with it the run's lock
+    gc.collect()
+    return message
+
+
+def weights(path):
+    return keras.models.load_model(path).get_weights()

@@ -17,7 +17,9 @@ import pytest
 
 import distribute
 import erasing
+import feed
 import machine
+import runs
 import sandbox
 import train
 
@@ -31,17 +33,17 @@ pytestmark = pytest.mark.xdist_group("distribute")  # under pytest-xdist: one pr
 # ---- Pure parts ----
 
 def test_each_process_feeds_its_slice_of_every_global_batch():
-    positions, sizes = train.feed_plan(250, 100, replicas=1)
+    positions, sizes = feed.feed_plan(250, 100, replicas=1)
     assert sizes == [100, 100, 50] and positions.tolist() == list(range(250))
     # Two replicas in one process: the last batch keeps a multiple of 2 (one image is left out).
-    positions, sizes = train.feed_plan(251, 100, replicas=2)
+    positions, sizes = feed.feed_plan(251, 100, replicas=2)
     assert sizes == [100, 100, 50] and positions.tolist() == list(range(250))
     # Four replicas in two processes: each takes half of every batch; together, the batches above.
-    shares = [train.feed_plan(251, 100, replicas=4, process=p, processes=2) for p in (0, 1)]
+    shares = [feed.feed_plan(251, 100, replicas=4, process=p, processes=2) for p in (0, 1)]
     assert shares[0][1] == shares[1][1] == [50, 50, 24]
     assert shares[0][0][:50].tolist() == list(range(50)) and shares[1][0][:50].tolist() == list(range(50, 100))
     assert sorted(np.concatenate([shares[0][0], shares[1][0]]).tolist()) == list(range(248))
-    assert train.feed_plan(3, 100, replicas=4)[1] == []  # fewer images than replicas: nothing to feed
+    assert feed.feed_plan(3, 100, replicas=4)[1] == []  # fewer images than replicas: nothing to feed
 
 
 @pytest.mark.parametrize("augment", ["copies", "online"])
@@ -49,8 +51,8 @@ def test_one_process_feeds_any_number_of_devices_the_batches_of_one(augment):
     x = np.random.default_rng(0).integers(0, 256, (200, 28, 28), dtype=np.uint8)
     y = np.arange(200) % 10
     settings = dict(train.RECIPES["original"], batch_size=50, augment=augment)
-    alone = train.batches(x, y, settings, seed=4, first_epoch=2)
-    on_two = train.batches(x, y, settings, seed=4, first_epoch=2, replicas=2)
+    alone = feed.batches(x, y, settings, seed=4, first_epoch=2)
+    on_two = feed.batches(x, y, settings, seed=4, first_epoch=2, replicas=2)
     for _ in range(8):  # two epochs
         a, b = next(alone), next(on_two)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
@@ -60,8 +62,8 @@ def test_two_processes_share_each_batch_and_augment_from_their_own_streams():
     x = np.random.default_rng(1).integers(0, 256, (200, 28, 28), dtype=np.uint8)
     y = np.arange(200)  # labels name the images
     settings = dict(train.RECIPES["fast"], batch_size=50)  # online augmentation
-    alone = train.batches(x, y, settings, seed=4, first_epoch=0)
-    shares = [train.batches(x, y, settings, seed=4, first_epoch=0, replicas=2, process=p, processes=2)
+    alone = feed.batches(x, y, settings, seed=4, first_epoch=0)
+    shares = [feed.batches(x, y, settings, seed=4, first_epoch=0, replicas=2, process=p, processes=2)
               for p in (0, 1)]
     first = [next(alone) for _ in range(4)]
     parts = [[next(share) for _ in range(4)] for share in shares]
@@ -75,8 +77,8 @@ def test_two_processes_share_each_batch_and_augment_from_their_own_streams():
                               expected.astype(np.float32) / 255)
     # The copies made once are the same everywhere: with fixed copies the slices are the one-process batches.
     copies = dict(train.RECIPES["original"], batch_size=50)
-    alone = train.batches(x, y, copies, seed=4, first_epoch=0)
-    shares = [train.batches(x, y, copies, seed=4, first_epoch=0, replicas=2, process=p, processes=2) for p in (0, 1)]
+    alone = feed.batches(x, y, copies, seed=4, first_epoch=0)
+    shares = [feed.batches(x, y, copies, seed=4, first_epoch=0, replicas=2, process=p, processes=2) for p in (0, 1)]
     for _ in range(4):
         whole, halves = next(alone), [next(share) for share in shares]
         assert np.array_equal(np.concatenate([h[0] for h in halves]), whole[0])
@@ -89,12 +91,12 @@ def test_mirrored_strategy_gets_a_whole_stream_for_every_iterator_it_makes():
     x = np.random.default_rng(2).integers(0, 256, (100, 28, 28), dtype=np.uint8)
     y = np.arange(100)
     settings = dict(train.RECIPES["original"], batch_size=30)
-    stream = lambda: train.batches(x, y, settings, seed=4, first_epoch=0)  # noqa: E731
-    feed = distribute.mirrored_feed(stream, x, y)
-    ahead = iter(feed)
+    stream = lambda: feed.batches(x, y, settings, seed=4, first_epoch=0)  # noqa: E731
+    dataset = distribute.mirrored_feed(stream, x, y)
+    ahead = iter(dataset)
     [next(ahead) for _ in range(3)]
     expected = stream()
-    for images, labels in feed.take(9):  # two epochs and more
+    for images, labels in dataset.take(9):  # two epochs and more
         want = next(expected)
         assert np.array_equal(labels.numpy(), want[1]) and np.array_equal(images.numpy(), want[0])
 
@@ -157,7 +159,7 @@ def refused(*argv):
 def test_tensorflow_refuses_several_processes_and_a_batch_that_does_not_divide(variables, tmp_path, monkeypatch,
                                                                               capsys):
     monkeypatch.setattr(train.models, "MODELS_DIR", tmp_path / "models")
-    monkeypatch.setattr(train, "SCREENSHOTS_DIR", tmp_path / "screenshots")
+    monkeypatch.setattr(runs, "SCREENSHOTS_DIR", tmp_path / "screenshots")
     variables("127.0.0.1:1234", "2", "0")
     message = refused("--distribute", "--name", "multi")
     assert "KERAS_BACKEND=jax" in message and "keras-team/keras#20585" in message
@@ -168,9 +170,9 @@ def test_tensorflow_refuses_several_processes_and_a_batch_that_does_not_divide(v
     # 250 images a step do not divide among 3 replicas: refused before the run writes anything.
     variables(None, None, None)
     args, settings = train.parse_args(["--name", "odd", "--distribute"])
-    files, lock = train.claim(args)
+    files, lock = runs.claim(args)
     with pytest.raises(SystemExit) as exit_:
-        train.begin(args, settings, files, "python train.py", replicas=3)
+        runs.begin(args, settings, files, "python train.py", replicas=3)
     lock.close()
     assert exit_.value.code == ("error: --batch-size 250 does not divide among 3 replicas; give a multiple of 3, "
                                 "e.g. --batch-size 249 or 252")
@@ -281,14 +283,14 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, pytestconfig):
+def sandboxes(tmp_path_factory, pytestconfig):
     """The reference, TensorFlow's run and the lonely processes start at once; the JAX runs of
     several replicas as the tests ask for them."""
-    runs = Runs(tmp_path_factory.mktemp("distribute"), pytestconfig.cache.mkdir("jax-compilation-cache"))
+    sandboxes = Runs(tmp_path_factory.mktemp("distribute"), pytestconfig.cache.mkdir("jax-compilation-cache"))
     for name in ("one_device", "mirrored", "unreachable", "alone"):
-        runs.get(name)
-    yield runs
-    for run in runs.started.values():
+        sandboxes.get(name)
+    yield sandboxes
+    for run in sandboxes.started.values():
         for process in run if isinstance(run, list) else [run]:
             process.kill()  # any still running after a failure
 
@@ -325,52 +327,52 @@ def assert_one_set_of_files(folder, name, validated=True):
     assert keras.models.load_model(folder / "models" / f"{name}.h5").count_params() == 3_458_382
 
 
-def test_one_process_on_two_jax_devices_trains_as_one_device_does(runs):
-    one = runs.get("one_device").finish()  # plain train.py under JAX: its model loads under TensorFlow
+def test_one_process_on_two_jax_devices_trains_as_one_device_does(sandboxes):
+    one = sandboxes.get("one_device").finish()  # plain train.py under JAX: its model loads under TensorFlow
     assert "backend jax" in one.stdout and "Data parallel" not in one.stdout
-    assert_one_set_of_files(runs.one, "one_device", validated=False)
-    runs.get("machines")  # starts now, to share the cores with this one
-    run = runs.get("two_devices").finish()
+    assert_one_set_of_files(sandboxes.one, "one_device", validated=False)
+    sandboxes.get("machines")  # starts now, to share the cores with this one
+    run = sandboxes.get("two_devices").finish()
     assert "Data parallel on 2 replicas in 1 process, 20 images each a step: CPU:0, CPU:1" in run.stdout
-    record = json.loads((runs.one / "models" / "two_devices.json").read_text())
+    record = json.loads((sandboxes.one / "models" / "two_devices.json").read_text())
     assert (record["replicas"], record["processes"], record["epochs_done"]) == (2, 1, 2)
-    assert json.loads((runs.one / "models" / "one_device.json").read_text())["replicas"] == 1
-    assert_trained_like(runs.one / "models" / "two_devices.h5", runs.one / "models" / "one_device.h5")
-    assert_one_set_of_files(runs.one, "two_devices", validated=False)
+    assert json.loads((sandboxes.one / "models" / "one_device.json").read_text())["replicas"] == 1
+    assert_trained_like(sandboxes.one / "models" / "two_devices.h5", sandboxes.one / "models" / "one_device.h5")
+    assert_one_set_of_files(sandboxes.one, "two_devices", validated=False)
 
 
-def test_two_processes_train_one_model_that_process_0_alone_writes_and_resumes(runs):
-    first, second = [run.finish() for run in runs.get("machines")]
+def test_two_processes_train_one_model_that_process_0_alone_writes_and_resumes(sandboxes):
+    first, second = [run.finish() for run in sandboxes.get("machines")]
     assert "Data parallel on 2 replicas in 2 processes" in first.stdout and " - loss: " in first.stdout
     assert "Process 1 of 2: joined" in second.stdout and " - loss: " not in second.stdout
     assert second.stdout.rstrip().endswith("Process 1 of 2: done")
-    record = json.loads((runs.one / "models" / "machines.json").read_text())
+    record = json.loads((sandboxes.one / "models" / "machines.json").read_text())
     assert (record["replicas"], record["processes"]) == (2, 2)
-    assert not (runs.two / "models").exists() and not (runs.two / "screenshots").exists()  # machine 2: nothing
-    first, second = [run.finish() for run in runs.get("resumed")]
+    assert not (sandboxes.two / "models").exists() and not (sandboxes.two / "screenshots").exists()  # machine 2: nothing
+    first, second = [run.finish() for run in sandboxes.get("resumed")]
     assert "Resuming machines after epoch 1 of 2" in first.stdout and "Epoch 2/2" in first.stdout
-    assert not (runs.two / "models").exists() and not (runs.two / "screenshots").exists()
-    assert json.loads((runs.one / "models" / "machines.json").read_text())["epochs_done"] == 2
+    assert not (sandboxes.two / "models").exists() and not (sandboxes.two / "screenshots").exists()
+    assert json.loads((sandboxes.one / "models" / "machines.json").read_text())["epochs_done"] == 2
     # Each process fed its half of the same global batches: one device's training, to round-off.
-    runs.get("one_device").finish()
-    assert_trained_like(runs.one / "models" / "machines.h5", runs.one / "models" / "one_device.h5")
-    assert_one_set_of_files(runs.one, "machines")
+    sandboxes.get("one_device").finish()
+    assert_trained_like(sandboxes.one / "models" / "machines.h5", sandboxes.one / "models" / "one_device.h5")
+    assert_one_set_of_files(sandboxes.one, "machines")
 
 
-def test_mirrored_strategy_on_two_cpu_devices(runs):
-    run = runs.get("mirrored").finish()
+def test_mirrored_strategy_on_two_cpu_devices(sandboxes):
+    run = sandboxes.get("mirrored").finish()
     assert "Data parallel on 2 replicas in 1 process, 20 images each a step: CPU:0, CPU:1" in run.stdout
-    record = json.loads((runs.one / "models" / "mirrored.json").read_text())
+    record = json.loads((sandboxes.one / "models" / "mirrored.json").read_text())
     assert (record["replicas"], record["processes"], record["epochs_done"]) == (2, 1, 1)
-    assert_one_set_of_files(runs.one, "mirrored")
+    assert_one_set_of_files(sandboxes.one, "mirrored")
     # Batch normalisation synchronized while training, not in the file (JAX refuses the setting).
-    model = keras.models.load_model(runs.one / "models" / "mirrored.h5")
+    model = keras.models.load_model(sandboxes.one / "models" / "mirrored.h5")
     assert not any(layer.get_config().get("synchronized") for layer in model.layers)
 
 
-def test_processes_that_cannot_join_stop_with_one_line_each(runs):
-    lonely = runs.get("unreachable").finish(returncode=1)
-    alone = runs.get("alone").finish(returncode=1)
+def test_processes_that_cannot_join_stop_with_one_line_each(sandboxes):
+    lonely = sandboxes.get("unreachable").finish(returncode=1)
+    alone = sandboxes.get("alone").finish(returncode=1)
     for run in (lonely, alone):
         errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
