@@ -235,7 +235,7 @@ def environment():
         "keras": keras.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
-        # e.g. tcmalloc (README, "Speed"): a faster CPU run, the same weights; timings depend on it
+        # e.g. tcmalloc (NOTEBOOK.md, "Speed"): a faster CPU run, the same weights; timings depend on it
         "preloaded": os.environ.get("LD_PRELOAD") or None,
         **precision,
     }
@@ -259,12 +259,12 @@ def set_precision(mixed):
 
 
 def bf16_warning(resuming):
-    """The line a bfloat16 run prints on a CPU that emulates bfloat16 (README, 'Speed': an epoch 11x slower
+    """The line a bfloat16 run prints on a CPU that emulates bfloat16 (NOTEBOOK.md, 'Speed': an epoch 11x slower
     than float32 on an AMD EPYC with AVX2), with what to do instead."""
     advice = ("this run was started in bfloat16 and keeps it: continue it on a CPU with AVX512_BF16 or AMX"
               if resuming else "leave out --mixed-precision here")
     return (f"warning: this CPU has no bfloat16 instructions (AVX512_BF16 or AMX), so bfloat16 is emulated, "
-            f"several times slower than float32 (README, 'Speed'); {advice}")
+            f"several times slower than float32 (README, 'Train'); {advice}")
 
 
 def set_up_backend(seed, settings, run_info, devices=None):
