@@ -290,11 +290,37 @@ def neighbours_numba(x_query, x_train, k, isa=None):
     return nearest_rows(row_records(x_query, isa, order), row_records(x_train, isa, order), k)
 
 
+def ready_kernel(*args):
+    """Load or compile top_k_l1 for these arguments, before threads call it. A cache entry that cannot
+    be read (a disk that filled up, or a kill, during the save of an earlier run) or saved never fails
+    the run: one line says so, the entry is compiled again and replaces it (or, where nothing can be
+    saved, the run goes on without the cache)."""
+    signature = tuple(numba.typeof(a) for a in args)
+    if signature in top_k_l1.overloads:
+        return
+    try:
+        top_k_l1.compile(signature)
+        return
+    except Exception as e:  # pickle, EOF, OS errors: numba passes on whatever the cache file raised
+        if top_k_l1.stats.cache_path is None:
+            raise  # no cache: a real compile error
+        print(f"warning: the cached k-NN kernel in {top_k_l1.stats.cache_path} could not be used "
+              f"({type(e).__name__}: {str(e)[:80] or 'empty or cut short'}); compiling it again", file=sys.stderr)
+    try:
+        top_k_l1._cache.flush()  # numba's index of the cache, emptied: the new entry replaces the old
+        top_k_l1.compile(signature)
+    except Exception:  # nothing can be saved there (a full disk): compile without the cache
+        top_k_l1._cache = numba.core.caching.NullCache()
+        top_k_l1.compile(signature)
+
+
 def nearest_rows(query_rows, train_rows, k, task_rows=4 * QUERY_ROWS):
     """(len(query_rows), k) int32 indices of the nearest training rows; both arguments from row_records.
     The kernel runs on blocks of task_rows test rows, in one thread per core."""
     out = np.empty((len(query_rows), k), dtype=np.int32)
     starts = range(0, len(query_rows), task_rows)
+    if len(query_rows):
+        ready_kernel(query_rows[:task_rows], train_rows, k, out[:task_rows])
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(lambda i: top_k_l1(query_rows[i:i + task_rows], train_rows, k, out[i:i + task_rows]), starts))
     return out

@@ -220,3 +220,25 @@ def test_without_a_writable_cache_folder_knn_imports_and_keeps_no_cache(tmp_path
                          cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "None"  # numba's NullCache: importing works, nothing is kept
+
+
+@pytest.mark.xdist_group("kernel_cache")
+@pytest.mark.parametrize("damage", ["random .nbc", "empty .nbi"])
+def test_a_damaged_kernel_cache_is_said_and_replaced_and_the_answer_stays(kernel_cache, tmp_path, damage):
+    """A cache file cut short or garbled (a full disk, a kill during the first run's save) must not fail
+    knn.py, then or ever after: one line, a new compile that replaces it, the same figures."""
+    folder = tmp_path / "cache"
+    shutil.copytree(kernel_cache[0], folder)
+    suffix = damage.split()[1]
+    files = list(folder.rglob(f"knn.top_k_l1-*{suffix}"))
+    assert files
+    for path in files:
+        path.write_bytes(os.urandom(2000) if damage.startswith("random") else b"")
+    broken, again = (run_knn("--limit", "20", NUMBA_CACHE_DIR=str(folder)) for _ in range(2))
+    assert broken.returncode == 0 and "Traceback" not in broken.stderr, broken.stderr
+    warnings = [line for line in broken.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "could not be used" in warnings[0] and "compiling it again" in warnings[0]
+    assert ", compiled and cached in " in broken.stdout
+    expected = [line for line in kernel_cache[2].splitlines() if "accuracy" in line]
+    assert [line for line in broken.stdout.splitlines() if "accuracy" in line] == expected
+    assert ", loaded from the cache in " in again.stdout and "warning" not in again.stderr  # replaced for good
