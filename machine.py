@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VERBOSE = "--verbose" in sys.argv[1:] or os.environ.get("FASHION_VERBOSE") == "1"
+BACKENDS = ("tensorflow", "jax")  # the Keras backends the scripts are tested under
 CPU_DEVICES_VARIABLE = "FASHION_CPU_DEVICES"  # N: the CPU as N devices, for testing multi-device code
 
 # Start-up notices that are not problems on a machine without a GPU (or with one).
@@ -42,7 +43,7 @@ def start_backend():
     JAX is imported but not started: keras.distribution.initialize() must come before its first
     computation (train.py --distribute calls it through distribute.join_processes).
     """
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ["KERAS_BACKEND"] = check_backend(os.environ.get("KERAS_BACKEND") or "tensorflow")
     first = "keras" not in sys.modules
     if not VERBOSE:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's own INFO lines
@@ -61,6 +62,20 @@ def start_backend():
         import jax
 
         jax.config.update("jax_num_cpu_devices", cpu_devices)
+
+
+def check_backend(asked):
+    """The backend KERAS_BACKEND asks for, spelt as Keras knows it; exits with one line when it is not
+    one this project runs under, or is not installed (people set the variable for other projects)."""
+    import importlib.util
+
+    backend = asked.strip().lower()
+    installed = [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
+    if backend in installed:
+        return backend
+    why = "is not installed here" if backend in BACKENDS else "is not a backend this project runs under"
+    sys.exit(f"error: KERAS_BACKEND={asked!r} {why} (installed: {', '.join(installed) or 'none'}); "
+             f"unset KERAS_BACKEND, or set it to {' or '.join(installed or BACKENDS)}")
 
 
 def cpu_devices_wanted():

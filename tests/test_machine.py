@@ -1,0 +1,34 @@
+"""machine.py: the backend's start, as every script that starts Keras meets it."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("value", ["torch", "bogus"])
+def test_a_wrong_keras_backend_stops_every_script_with_one_line(value):
+    """People set KERAS_BACKEND for other projects: one line naming it, what is installed and the fix."""
+    for script in ("train.py", "test.py", "predict.py", "export.py"):
+        done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "KERAS_BACKEND": value})
+        assert done.returncode == 1 and done.stdout == "", (script, done.stderr)
+        assert done.stderr == (f"error: KERAS_BACKEND={value!r} is not a backend this project runs under "
+                               f"(installed: tensorflow, jax); unset KERAS_BACKEND, or set it to tensorflow or jax\n")
+
+
+def test_a_backend_that_is_not_installed_is_named_with_the_ones_that_are(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        machine.check_backend("jax")
+    assert exit_.value.code == ("error: KERAS_BACKEND='jax' is not installed here (installed: tensorflow); "
+                                "unset KERAS_BACKEND, or set it to tensorflow")
+    assert machine.check_backend(" TensorFlow ") == "tensorflow"  # as a user might spell it
