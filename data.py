@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+import machine  # light: Keras starts only where a script asks machine.start_backend
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -370,4 +372,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    machine.run(main)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import machine
 import models  # starts the Keras backend, quietly
 
 import keras  # noqa: E402 (after models: a quiet start)
@@ -191,4 +192,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    machine.run(main)

@@ -405,4 +405,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    machine.run(main)

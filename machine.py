@@ -16,6 +16,7 @@ import atexit
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -62,6 +63,34 @@ def start_backend():
         import jax
 
         jax.config.update("jax_num_cpu_devices", cpu_devices)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as a KeyboardInterrupt: `timeout`, Slurm, Kubernetes and most schedulers stop a job with it."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def stop_code(stop):
+    """The exit status of a run stopped by `stop` (a KeyboardInterrupt, or a signal number), as a shell
+    reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C."""
+    terminated = isinstance(stop, Terminated) or stop == signal.SIGTERM
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def run(main):
+    """Run a script's main(). Ctrl-C or SIGTERM ends it with one line and status 130 or 143, not a
+    traceback; the scripts write every file to a temporary name and rename it, so none is left
+    half-written. (train.py's epochs stop between steps, and keep the run's state: runs.CtrlC.)"""
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return main()
+    except KeyboardInterrupt as stop:
+        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"\nStopped ({how}) before the end; no file is left half-written", file=sys.stderr)
+        sys.exit(stop_code(stop))
 
 
 def check_backend(asked):

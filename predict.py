@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 import data
+import machine
 import models  # starts the Keras backend, quietly
 
 DEFAULT_MODEL = "best"
@@ -206,4 +207,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    machine.run(main)

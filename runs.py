@@ -155,24 +155,25 @@ class Run:
             # finalizing GeneratorDataset iterator" that is none.
             batches = None
             gc.collect()
-            self.stopped()
+            self.stopped(ctrl_c.pressed)
         if not self.lead:
             print(f"Process {self.group.process} of {self.group.processes}: done", file=sys.__stdout__)
             return
         print(f"Training time: {time.perf_counter() - start:.0f} s this session, "
               f"{self.info['train_seconds']:.0f} s in all")
 
-    def stopped(self):
-        """Exit 130 after a stop: what is kept, and how to continue."""
+    def stopped(self, signum):
+        """Exit after a stop (130 for Ctrl-C, 143 for SIGTERM): what is kept, and how to continue."""
         if self.lead:
-            print(f"\nInterrupted after epoch {self.info['epochs_done']}.")
+            how = " (SIGTERM)" if signum == signal.SIGTERM else ""
+            print(f"\nInterrupted{how} after epoch {self.info['epochs_done']}.")
             if "best_epoch" in self.info:
                 print(f"The best model so far is {self.files['best']} "
                       f"(val_accuracy {self.info['best_val_accuracy']:.4f}).")
             print("Continue with: python train.py --resume"
                   + ("" if self.args.name == SCRATCH_NAME else f" --name {self.args.name}")
                   + (" --distribute" if self.args.distribute else ""))
-        sys.exit(130)
+        sys.exit(machine.stop_code(signum))
 
     def record(self, model, x_val, y_val, x_test, y_test):
         """Process 0: the final model, then the best checkpoint, each with its figures and JSON; the plot.
@@ -357,7 +358,7 @@ def begin(args, settings, files, command, replicas=1):
 # ---- Training: Ctrl-C, checkpoints, the time left ----
 
 class CtrlC(keras.callbacks.Callback):
-    """Ctrl-C during training: stop after the current step, never inside a checkpoint save.
+    """Ctrl-C or SIGTERM during training: stop after the current step, never inside a checkpoint save.
 
     Python's own KeyboardInterrupt fires wherever the interpreter happens to be, and one
     that fires inside a finalizer run by the garbage collector is printed and dropped, so
@@ -372,19 +373,20 @@ class CtrlC(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
-        self.pressed = False
+        self.pressed = 0  # the signal that asked to stop
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {stop: signal.signal(stop, self.handle) for stop in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for stop, handler in self.previous.items():
+            signal.signal(stop, handler)
 
     def handle(self, signum, frame):
         if self.pressed:
             raise KeyboardInterrupt
-        self.pressed = True
+        self.pressed = signum  # SIGTERM (a scheduler's stop, `timeout`) stops as Ctrl-C does
 
     def check(self):
         if self.pressed:

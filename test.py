@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+import machine
 import models  # starts the Keras backend, quietly
 
 SCREENSHOTS_DIR = Path(__file__).resolve().parent / "screenshots"
@@ -384,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    machine.run(main)

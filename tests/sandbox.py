@@ -34,7 +34,8 @@ data.load_data = lambda kind: tuple(a[:200] if kind == "t10k" else a for a in lo
 import train
 import distribute
 distribute.JOIN_SECONDS = float(os.environ.get("JOIN_SECONDS", distribute.JOIN_SECONDS))
-train.main(sys.argv[1:])
+import machine
+machine.run(lambda: train.main(sys.argv[1:]))  # as train.py runs its main
 """
 
 

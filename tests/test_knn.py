@@ -3,6 +3,7 @@ its compiled kernel cached on disk, per instruction set and CPU."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +243,16 @@ def test_a_damaged_kernel_cache_is_said_and_replaced_and_the_answer_stays(kernel
     expected = [line for line in kernel_cache[2].splitlines() if "accuracy" in line]
     assert [line for line in broken.stdout.splitlines() if "accuracy" in line] == expected
     assert ", loaded from the cache in " in again.stdout and "warning" not in again.stderr  # replaced for good
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_knn_run_says_so_in_one_line_with_the_signals_status(stop):
+    """SIGTERM (a scheduler, `timeout`) or Ctrl-C during a long command: one line, status 143 or 130."""
+    process = subprocess.Popen([sys.executable, "knn.py", "--backend", "numpy", "--limit", "4000"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stderr.readline().startswith("  ")  # the first progress line: it is computing
+    process.send_signal(stop)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + stop and "Traceback" not in stderr, stderr
+    how = "SIGTERM" if stop == signal.SIGTERM else "Ctrl-C"
+    assert stderr.strip().splitlines()[-1] == f"Stopped ({how}) before the end; no file is left half-written"

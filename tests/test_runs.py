@@ -252,3 +252,23 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     assert f"Test accuracy: {record['test_accuracy']:.4f}" in out
     assert keras.models.load_model(folder / "models" / "latest.h5").count_params() == 3_458_382
 
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_status_143(project, capsys):
+    """Schedulers (Slurm, Kubernetes, `timeout`) stop a job with SIGTERM: the run stops between steps,
+    keeps its state, says how to continue and exits 143; --resume then goes on."""
+    folder = sandbox.make(project)
+    best = folder / "models" / "term_acc.h5"
+    process = sandbox.start(folder, "--epochs", "30", *TINY[2:], "--name", "term")
+    deadline = time.time() + 120
+    while not best.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Interrupted (SIGTERM) after epoch" in stdout and "Traceback" not in stderr
+    assert "Continue with: python train.py --resume --name term\n" in stdout
+    done = json.loads((folder / "models" / "term_resume.json").read_text())["epochs_done"]
+    assert done >= 1 and not list((folder / "models").glob("*.tmp*"))
+    run("--resume", "--epochs", str(done + 1), "--name", "term")
+    assert f"Resuming term after epoch {done} of {done + 1}" in capsys.readouterr().out
