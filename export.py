@@ -16,6 +16,7 @@ if at least 99.9 % of the predicted classes agree is it renamed into place.
 """
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
@@ -40,6 +41,7 @@ FORMATS = {  # format: what is written in models/ for model NAME
 }
 MIN_AGREEMENT = 0.999  # share of test images whose predicted class must be the same as in Keras
 BATCH_SIZE = 1000  # images per call of the exported model
+SCRATCH_LOCK = ".export.lock"  # in a scratch folder: held while its export runs
 INPUT_NAME = "images"  # the input's name in the exported signature
 
 
@@ -122,6 +124,28 @@ def put_in_place(new, target, work):
     os.replace(new, target)
 
 
+def claim_scratch(target):
+    """A scratch folder beside `target` (same disk: the rename is atomic), locked while this export
+    runs. Scratch that a killed export left (`kill -9`, a crash: up to 14 MB each) is removed first: its
+    lock is free once its process has gone (a folder without a lock, from an export that died before
+    taking it or from before locks, once it is a minute old)."""
+    for old in target.parent.glob(f".{target.name}.*"):
+        lock_path = old / SCRATCH_LOCK
+        try:
+            if lock_path.exists():
+                with open(lock_path) as lock:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its export has gone
+            elif time.time() - old.stat().st_mtime < 60:
+                continue
+        except (BlockingIOError, FileNotFoundError):
+            continue  # another export is running, or has just finished
+        shutil.rmtree(old, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    lock = open(work / SCRATCH_LOCK, "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until this process ends, however it ends
+    return work, lock
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a trained model and check it against Keras.")
     parser.add_argument("name", help="a model in models/ (NAME or NAME.h5), or a path to one")
@@ -151,7 +175,7 @@ def main(argv=None):
     reference = np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0), dtype=np.float64)
     keras_seconds = time.perf_counter() - start
 
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))  # beside the target: same disk
+    work, lock = claim_scratch(target)
     try:
         new = work / target.name
         start = time.perf_counter()
@@ -175,6 +199,7 @@ def main(argv=None):
         put_in_place(new, target, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        lock.close()
 
     print(f"Exported: {target} ({size_of(target) / 1e6:.1f} MB) in {export_seconds:.1f} s")
     print(f"Agreement with Keras on {len(y)} test images: {agreement * 100:.2f} % of the predicted classes; "

@@ -115,3 +115,25 @@ def test_an_unknown_model_is_one_line(models_dir):
     with pytest.raises(SystemExit) as exit_info:
         export.main(["nope", "--format", "onnx"])
     assert str(exit_info.value).startswith("error: no model named 'nope'")
+
+
+def test_scratch_left_by_a_killed_export_is_removed_by_the_next_one(models_dir, tmp_path, capsys):
+    """kill -9 during an export leaves its scratch folder (up to 14 MB): the next export removes it,
+    and an old one from before the scratch had a lock, but never the scratch of an export still running."""
+    import fcntl
+    import os
+    import time
+
+    killed = models_dir / ".small.onnx.killed"
+    killed.mkdir()
+    (killed / export.SCRATCH_LOCK).write_text("")  # its lock went with its process
+    (killed / "small.onnx").write_bytes(b"\0" * 1000)
+    older = models_dir / ".small.onnx.older"  # no lock, an hour old
+    older.mkdir()
+    os.utime(older, (time.time() - 3600,) * 2)
+    running = models_dir / ".small.onnx.running"
+    running.mkdir()
+    with open(running / export.SCRATCH_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the export that made it holds it
+        export.main(["small", "--format", "onnx", "--limit", "50"])
+        assert sorted(p.name for p in models_dir.iterdir()) == [".small.onnx.running", "small.h5", "small.onnx"]
