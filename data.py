@@ -122,8 +122,11 @@ def atomic_write(path, write, mode="wb"):
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the final file is an ordinary one
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = machine.disk_full(e, path, tmp)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise full from None
         raise
 
 

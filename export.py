@@ -184,6 +184,10 @@ def main(argv=None):
         except ImportError as e:
             sys.exit(f"error: --format {args.format} needs {e.name}: pip install -r requirements.txt")
         except Exception as e:  # the converters raise many types; say which in one line
+            if machine.out_of_space(e):
+                sys.exit(f"error: no space left on the disk in {target.parent} for the {args.format} export of "
+                         f"{name} (it needs at least {machine.size_text(size_of(work))}); nothing was written: "
+                         f"free some space and run again")
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             sys.exit(f"error: the {args.format} export of {name} failed ({reason[:200]}); nothing was written")
         export_seconds = time.perf_counter() - start

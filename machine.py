@@ -13,6 +13,7 @@ GPUs; it changes nothing else.
 """
 
 import atexit
+import errno
 import os
 import platform
 import re
@@ -65,6 +66,44 @@ def start_backend():
         jax.config.update("jax_num_cpu_devices", cpu_devices)
 
 
+class DiskFull(OSError):
+    """A file that could not be written for want of space (or of quota): which, and about how much it
+    needs. An OSError, so what catches those catches it; str() is one line."""
+
+    def __init__(self, path, needed):
+        self.needed = needed
+        super().__init__(errno.ENOSPC, f"no space left on the disk (it needs at least {size_text(needed)})",
+                         str(path))
+
+    def __str__(self):
+        return f"no space left on the disk for {self.filename} (it needs at least {size_text(self.needed)})"
+
+
+def size_text(n_bytes):
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{max(1, -(-n_bytes // 1000))} kB"  # kB rounded up
+
+
+def out_of_space(error):
+    """Whether an error means the disk (or the user's quota) is full; h5py says so only in its message."""
+    text = str(error)
+    return isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT)
+                                           or "No space left on device" in text or "errno = 28" in text)
+
+
+def disk_full(error, path, tmp=None):
+    """`error` as a DiskFull for `path` when it means the disk is full (else None): the space needed is
+    at least what was written to `tmp` before it failed, or the size of the file it replaces."""
+    if isinstance(error, DiskFull) or not out_of_space(error):
+        return None
+    sizes = [0]
+    for written in (tmp, path):
+        try:
+            sizes.append(Path(written).stat().st_size if written else 0)
+        except OSError:
+            pass
+    return DiskFull(path, max(sizes))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, as a KeyboardInterrupt: `timeout`, Slurm, Kubernetes and most schedulers stop a job with it."""
 
@@ -81,12 +120,18 @@ def stop_code(stop):
 
 
 def run(main):
-    """Run a script's main(). Ctrl-C or SIGTERM ends it with one line and status 130 or 143, not a
-    traceback; the scripts write every file to a temporary name and rename it, so none is left
-    half-written. (train.py's epochs stop between steps, and keep the run's state: runs.CtrlC.)"""
+    """Run a script's main(). Ctrl-C or SIGTERM ends it with one line and status 130 or 143, a full disk
+    with one line and status 1, not a traceback; the scripts write every file to a temporary name and
+    rename it, so none is left half-written. (train.py's epochs stop between steps, and keep the
+    run's state: runs.CtrlC; runs.Run.fit says how to continue after a full disk.)"""
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return main()
+    except OSError as e:
+        if not out_of_space(e):
+            raise
+        where = str(e) if isinstance(e, DiskFull) else f"no space left on the disk for {e.filename or 'a file'}"
+        sys.exit(f"error: {where}; nothing half-written is left: free some space and run again")
     except KeyboardInterrupt as stop:
         how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
         print(f"\nStopped ({how}) before the end; no file is left half-written", file=sys.stderr)

@@ -157,8 +157,11 @@ def save_model(model, name, info=None, include_optimizer=True, suffix=".h5"):
             model.save(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = machine.disk_full(e, path, tmp)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise full from None
         raise
     if info is not None:
         write_json(path.with_suffix(".json"), info)

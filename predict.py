@@ -71,7 +71,9 @@ def trim(rgb, background):
     tolerance = TRIM_TOLERANCE * 255
     content = ImageChops.difference(rgb, plain).point(lambda v: 255 if v > tolerance else 0)
     box = content.getbbox()  # of the pixels that differ in any channel; None: nothing but background
-    return rgb.crop(box) if box else rgb
+    if box is None:
+        raise NoGarment
+    return rgb.crop(box)
 
 
 def prepare(image):
@@ -81,7 +83,10 @@ def prepare(image):
     background_grey = float(background @ [0.299, 0.587, 0.114])  # Pillow's own "L" weights
     light_background = background_grey >= DARK
     if rgb.size == (SIZE, SIZE) and not light_background:  # already prepared (--save-prepared writes these)
-        return np.asarray(rgb.convert("L")), False
+        grey = np.asarray(rgb.convert("L"))
+        if grey.max() <= grey.min() + TRIM_TOLERANCE * 255:
+            raise NoGarment
+        return grey, False
 
     rgb = trim(rgb, background)
     # Longest edge to 28, aspect kept ("subsampling" in the paper: each pixel the mean of the area it covers).
@@ -104,15 +109,23 @@ def prepare(image):
     return np.uint8(np.clip(out, 0, 255).round()), light_background
 
 
+class NoGarment(Exception):
+    """A picture with nothing on it but its background."""
+
+
 def list_images(paths):
-    """The files to classify: each path given, a folder meaning its files (not hidden), sorted."""
-    files = []
+    """(the files to classify, the paths that do not exist): each path given, a folder meaning its
+    files (not hidden), sorted. A path that does not exist is named on stderr."""
+    files, missing = [], []
     for path in paths:
         if path.is_dir():
             files.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
-        else:
+        elif path.exists():
             files.append(path)
-    return files
+        else:
+            print(f"error: {path}: no such file or folder", file=sys.stderr)
+            missing.append(path)
+    return files, missing
 
 
 def read_images(files, save_dir=None):
@@ -124,6 +137,10 @@ def read_images(files, save_dir=None):
         try:
             with Image.open(path) as image:
                 prepared, _ = prepare(image)
+        except NoGarment:
+            print(f"error: {path}: no garment found (the picture is one plain colour)", file=sys.stderr)
+            failed.append(path)
+            continue
         except Exception as e:  # Pillow raises many types for a file that is not an image it can decode
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(f"error: {path}: cannot be read as an image ({reason[:200]})", file=sys.stderr)
@@ -139,7 +156,12 @@ def read_images(files, save_dir=None):
                 name = f"{path.stem}_{i}.png"
             used_names.add(name)
             image_out = Image.fromarray(prepared)
-            data.atomic_write(save_dir / name, lambda f: image_out.save(f, format="PNG"))
+            try:
+                data.atomic_write(save_dir / name, lambda f: image_out.save(f, format="PNG"))
+            except OSError as e:  # a full disk: say so once, and classify the pictures all the same
+                print(f"error: --save-prepared: {e}; the rest are classified, not saved", file=sys.stderr)
+                failed.append(save_dir / name)
+                save_dir = None
     return np.array(images, dtype=np.uint8).reshape(-1, SIZE, SIZE), read, failed
 
 
@@ -159,9 +181,6 @@ def main(argv=None):
     if not 1 <= args.top <= 10:
         parser.error("--top must be between 1 and 10")
 
-    missing = [str(p) for p in args.paths if not p.exists()]
-    if missing:
-        sys.exit(f"error: no such file or folder: {', '.join(missing)}")
     if args.save_prepared is not None:
         try:
             args.save_prepared.mkdir(parents=True, exist_ok=True)
@@ -176,7 +195,7 @@ def main(argv=None):
     temperature = models.read_info(name).get("temperature")
     class_names = data.get_labels()
 
-    files = list_images(args.paths)
+    files, missing = list_images(args.paths)
     images, read, failed = read_images(files, args.save_prepared)
     probabilities = models.predict(model, images) if len(images) else np.zeros((0, len(class_names)))
     results = []
@@ -200,9 +219,9 @@ def main(argv=None):
                 line += f" (calibrated {result['calibrated_probability']:.4f})"
             runners_up = ", ".join(f"{c} {p:.4f}" for c, p in result["top"][1:])
             print(line + (f"; then {runners_up}" if runners_up else ""))
-    if not files:
+    if not files and not missing:
         print("error: no files to classify in " + ", ".join(map(str, args.paths)), file=sys.stderr)
-    if failed or not files:
+    if failed or missing or not files:
         sys.exit(1)
 
 

@@ -139,7 +139,7 @@ class Run:
                              Checkpoints(files, self.info, ctrl_c)]
         batches = distribute.mirrored_feed(stream, *stream.images) if self.mirrored else stream()
         start = time.perf_counter()
-        interrupted = False
+        interrupted, failed = False, None
         try:
             with ctrl_c:
                 model.fit(batches, steps_per_epoch=steps, shuffle=False, epochs=settings["epochs"],
@@ -149,12 +149,20 @@ class Run:
                           else None)
         except KeyboardInterrupt:
             interrupted = True
-        if interrupted:
+        except OSError as e:
+            if not machine.out_of_space(e):
+                raise
+            failed = e
+        if interrupted or failed:
             # Out of the except block (whose traceback holds fit's frames): the fit's input iterator is
             # freed now; left to the interpreter's exit, TensorFlow reports an "Error occurred when
             # finalizing GeneratorDataset iterator" that is none.
             batches = None
+            if failed:
+                failed.__traceback__ = failed.__context__ = failed.__cause__ = None  # they hold fit's frames too
             gc.collect()
+            if failed:
+                self.out_of_space(failed)
             self.stopped(ctrl_c.pressed)
         if not self.lead:
             print(f"Process {self.group.process} of {self.group.processes}: done", file=sys.__stdout__)
@@ -175,7 +183,28 @@ class Run:
                   + (" --distribute" if self.args.distribute else ""))
         sys.exit(machine.stop_code(signum))
 
+    def out_of_space(self, error):
+        """Exit with one line when `error` is a full disk: which file, about how much it needs, the
+        epoch the run is saved at, and the command that continues it. Other errors go on up."""
+        if not machine.out_of_space(error):
+            raise error
+        what = str(error) if isinstance(error, machine.DiskFull) else f"no space left on the disk for {error.filename}"
+        saved = stopped_at(self.files, finished=True) if self.lead else None
+        at = (f"the run is saved at epoch {saved[0]} of {saved[1]}: free some space, then continue with"
+              if saved else "no epoch is saved yet: free some space, then start it again with")
+        sys.exit(f"error: {what}; {at}: python train.py --resume"
+                 + ("" if self.args.name == SCRATCH_NAME else f" --name {self.args.name}")
+                 + (" --distribute" if self.args.distribute else ""))
+
     def record(self, model, x_val, y_val, x_test, y_test):
+        """The final model and the best checkpoint, evaluated and recorded (process 0); a full disk
+        says how to record them later (--resume, which trains no more)."""
+        try:
+            self.record_all(model, x_val, y_val, x_test, y_test)
+        except OSError as e:
+            self.out_of_space(e)
+
+    def record_all(self, model, x_val, y_val, x_test, y_test):
         """Process 0: the final model, then the best checkpoint, each with its figures and JSON; the plot.
         A --distribute run's figures come from the saved file, evaluated here alone on this process's
         device: the trained model's arrays are spread over every process's devices."""
@@ -276,15 +305,15 @@ def claim(args):
 
 # ---- The resume state and its checks ----
 
-def stopped_at(files):
-    """(epochs done, epochs) of a run stopped before its end, with at least one epoch to keep;
-    None if there is none (or its record is unreadable: nothing could resume from it anyway)."""
+def stopped_at(files, finished=False):
+    """(epochs done, epochs) of a run stopped before its end (or at it, with finished), with at least
+    one epoch to keep; None if there is none (or its record is unreadable: nothing could resume from it)."""
     try:
         info = json.loads(files["resume_info"].read_text())
         done, epochs = int(info["epochs_done"]), int(info["settings"]["epochs"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (done, epochs) if 0 < done < epochs else None
+    return (done, epochs) if 0 < done < epochs or finished and 0 < done == epochs else None
 
 
 def read_resume_state(files):

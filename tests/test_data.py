@@ -337,3 +337,21 @@ def test_a_full_disk_is_one_line(tmp_path, offline, real_labels, monkeypatch):
     with pytest.raises(data.DataError, match="No space left on device"):
         data.load_file(LABELS, offline)
     assert list(offline.iterdir()) == []
+
+
+def test_a_disk_that_fills_during_a_copy_names_the_file_and_what_it_needs(tmp_path, offline, real_labels,
+                                                                           monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / f"{LABELS}.gz").write_bytes(gzip.compress(real_labels))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "src"))
+
+    def fills_up(source, target, *args):
+        target.write(b"\0" * 3000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.shutil, "copyfileobj", fills_up)
+    with pytest.raises(data.DataError) as error:
+        data.load_file(LABELS, offline)
+    assert str(error.value) == (f"cannot write {offline / (LABELS + '.gz')}: no space left on the disk (it needs at "
+                                f"least 3 kB); free some space or make it writable")
+    assert list(offline.iterdir()) == []  # the partial copy is gone

@@ -137,3 +137,16 @@ def test_scratch_left_by_a_killed_export_is_removed_by_the_next_one(models_dir, 
         fcntl.flock(lock, fcntl.LOCK_EX)  # as the export that made it holds it
         export.main(["small", "--format", "onnx", "--limit", "50"])
         assert sorted(p.name for p in models_dir.iterdir()) == [".small.onnx.running", "small.h5", "small.onnx"]
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_writes_nothing(models_dir, monkeypatch):
+    def fills_up(model, fmt, path):
+        path.write_bytes(b"\0" * 200_000)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "export", fills_up)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["small", "--format", "onnx", "--limit", "50"])
+    assert str(exit_info.value) == (f"error: no space left on the disk in {models_dir} for the onnx export of small "
+                                    f"(it needs at least 0.2 MB); nothing was written: free some space and run again")
+    assert [p.name for p in models_dir.iterdir()] == ["small.h5"]

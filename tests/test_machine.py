@@ -32,3 +32,25 @@ def test_a_backend_that_is_not_installed_is_named_with_the_ones_that_are(monkeyp
     assert exit_.value.code == ("error: KERAS_BACKEND='jax' is not installed here (installed: tensorflow); "
                                 "unset KERAS_BACKEND, or set it to tensorflow")
     assert machine.check_backend(" TensorFlow ") == "tensorflow"  # as a user might spell it
+
+
+def test_a_full_disk_anywhere_in_a_script_is_one_line_and_leaves_the_old_file(tmp_path):
+    """machine.run, around every script's main: what filled up, about how much it needs; the file it
+    was replacing stays whole and no temporary file is left."""
+    import data
+
+    target = tmp_path / "fast.json"
+    target.write_text('{"temperature": 1.5}\n')
+
+    def calibrate():
+        def fills_up(f):
+            f.write(b"{" * 300)
+            raise OSError(28, "No space left on device")
+
+        data.atomic_write(target, fills_up)
+
+    with pytest.raises(SystemExit) as exit_:
+        machine.run(calibrate)
+    assert exit_.value.code == (f"error: no space left on the disk for {target} (it needs at least 1 kB); nothing "
+                                f"half-written is left: free some space and run again")
+    assert target.read_text() == '{"temperature": 1.5}\n' and [p.name for p in tmp_path.iterdir()] == ["fast.json"]

@@ -136,16 +136,67 @@ def test_save_prepared_writes_what_the_model_saw(tmp_path, test_images, capsys):
     assert line.startswith(f"{tmp_path / 'shirt0.jpg'}: ") and line.count("; then ") == 1
 
 
-def test_missing_paths_and_unknown_models_are_one_line(tmp_path):
-    with pytest.raises(SystemExit) as exit_info:
-        predict.main([str(tmp_path / "nothing.jpg")])
-    assert str(exit_info.value) == f"error: no such file or folder: {tmp_path / 'nothing.jpg'}"
-    Image.new("RGB", (50, 50), "white").save(tmp_path / "blank.png")
-    with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--model", "nope.h5", str(tmp_path / "blank.png")])
-    assert str(exit_info.value).startswith("error: no model named 'nope'")
-    out = classify("--model", "nope", tmp_path / "blank.png")
+def garment_photo(path):
+    """A grey coat-like block on white: something to classify."""
+    photo = Image.new("RGB", (60, 90), "white")
+    photo.paste((90, 90, 90), (10, 10, 50, 80))
+    photo.save(path)
+    return path
+
+
+def test_a_missing_path_is_named_and_the_rest_are_classified(tmp_path):
+    """A PATH that does not exist is like an unreadable file: named, the others classified, exit 1."""
+    photo = garment_photo(tmp_path / "coat.png")
+    out = classify(tmp_path / "nothing.jpg", photo, tmp_path / "gone")
     assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines() == [f"error: {tmp_path / 'nothing.jpg'}: no such file or folder",
+                                       f"error: {tmp_path / 'gone'}: no such file or folder"]
+    assert out.stdout.startswith(f"{photo}: ") and out.stdout.count("\n") == 1
+
+
+def test_a_blank_picture_has_no_garment(tmp_path, capsys):
+    """All white, one colour, or a 28x28 all black: not a "Dress 0.23", but no garment found."""
+    Image.new("RGB", (50, 70), "white").save(tmp_path / "white.png")
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.jpg")
+    Image.new("L", (28, 28), 0).save(tmp_path / "black.png")
+    photo = garment_photo(tmp_path / "zcoat.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--json", str(tmp_path)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert [r["path"] for r in json.loads(captured.out)] == [str(photo)]
+    assert captured.err.splitlines() == [f"error: {tmp_path / name}: no garment found (the picture is one plain "
+                                         f"colour)" for name in ("black.png", "red.jpg", "white.png")]
+
+
+def test_an_unknown_model_is_one_line(tmp_path):
+    photo = garment_photo(tmp_path / "coat.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--model", "nope.h5", str(photo)])
+    assert str(exit_info.value).startswith("error: no model named 'nope'")
+    out = classify("--model", "nope", photo)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+
+
+def test_a_full_disk_under_save_prepared_is_one_line_and_the_pictures_are_still_classified(tmp_path, monkeypatch,
+                                                                                          capsys):
+    photos = [garment_photo(tmp_path / f"coat{i}.png") for i in range(3)]
+
+    def full(f):
+        f.write(b"x" * 5000)
+        raise OSError(28, "No space left on device")
+
+    real = data.atomic_write
+    monkeypatch.setattr(data, "atomic_write", lambda path, write, mode="wb": real(path, full, mode))
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--save-prepared", str(tmp_path / "seen"), *map(str, photos)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 3  # every picture classified
+    assert captured.err.splitlines() == [f"error: --save-prepared: no space left on the disk for "
+                                         f"{tmp_path / 'seen' / 'coat0.png'} (it needs at least 5 kB); the rest "
+                                         f"are classified, not saved"]
+    assert list((tmp_path / "seen").iterdir()) == []  # no half-written file
 
 
 def test_a_stored_temperature_adds_calibrated_probabilities_beside_the_raw_ones(tmp_path, monkeypatch, capsys):
@@ -157,14 +208,14 @@ def test_a_stored_temperature_adds_calibrated_probabilities_beside_the_raw_ones(
                              keras.layers.Dense(10, activation="softmax")])
     tiny.save(tmp_path / "models" / "tiny.h5")
     models.write_json(tmp_path / "models" / "tiny.json", {"temperature": 2.0})
-    Image.new("RGB", (60, 90), "white").save(tmp_path / "blank.png")
+    garment_photo(tmp_path / "coat.png")
 
-    predict.main(["--model", "tiny", "--json", "--top", "10", str(tmp_path / "blank.png")])
+    predict.main(["--model", "tiny", "--json", "--top", "10", str(tmp_path / "coat.png")])
     result = json.loads(capsys.readouterr().out)[0]
     raw = np.array([p for _, p in result["top"]])
     calibrated = np.array([p for _, p in result["calibrated_top"]])
     assert np.allclose(calibrated, models.calibrate(raw[None], 2.0)[0], atol=2e-4)
     assert result["calibrated_probability"] == result["calibrated_top"][0][1]
     assert [c for c, _ in result["calibrated_top"]] == [c for c, _ in result["top"]]
-    predict.main(["--model", "tiny", str(tmp_path / "blank.png")])
+    predict.main(["--model", "tiny", str(tmp_path / "coat.png")])
     assert f"{result['probability']:.4f} (calibrated {result['calibrated_probability']:.4f})" in capsys.readouterr().out

@@ -6,6 +6,7 @@ stopped with Ctrl-C, then --resume.
 """
 
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -272,3 +273,35 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_with_status_143(project, capsys):
     assert done >= 1 and not list((folder / "models").glob("*.tmp*"))
     run("--resume", "--epochs", str(done + 1), "--name", "term")
     assert f"Resuming term after epoch {done} of {done + 1}" in capsys.readouterr().out
+
+
+def test_a_full_disk_stops_a_run_with_one_line_that_says_how_to_continue(project, monkeypatch, capsys):
+    """The resume state of epoch 2 does not fit: one line with the file, about what it needs, the epoch
+    the run is saved at and the command that continues it; epoch 1's state stays whole and resumes."""
+    real_save = keras.Model.save
+    saves = []
+
+    def save(model, path, *args, **kwargs):
+        if str(path).endswith(".keras"):
+            saves.append(path)
+            if len(saves) == 2:
+                with open(path, "wb") as f:
+                    f.write(b"\0" * 200_000)
+                raise OSError(28, "No space left on device")
+        return real_save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save)
+    with pytest.raises(SystemExit) as exit_:
+        run("--epochs", "3", *TINY[2:], "--name", "full")
+    resume = models.MODELS_DIR / "full_resume.keras"
+    assert exit_.value.code.startswith(f"error: no space left on the disk for {resume} (it needs at least ")
+    assert exit_.value.code.endswith("MB); the run is saved at epoch 1 of 3: free some space, then continue with: "
+                                     "python train.py --resume --name full")
+    assert not [p for p in models.MODELS_DIR.iterdir() if p.name.startswith(".full_resume")]
+    exit_ = None  # the traceback holds the run's frame, and with it the run's lock
+    gc.collect()
+    monkeypatch.setattr(keras.Model, "save", real_save)
+    capsys.readouterr()
+    run("--resume", "--name", "full")
+    assert "Resuming full after epoch 1 of 3" in capsys.readouterr().out
+    assert info("full")["epochs_done"] == 3
