@@ -1,5 +1,6 @@
 # make run   set up, get the data, run the k-NN baseline and evaluate the shipped CNN
-# make test  set up, get the data, run the test suite
+# make test  set up, get the data, run the test suite (with the web page's tests in Chromium)
+# make app   set up the web page's packages and serve it on http://127.0.0.1:7860
 # Both are idempotent: a second run only repeats the work that is not done yet.
 
 PYTHON ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_DATA := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test setup data system-data clean
+.PHONY: run test app setup data system-data browser clean
 
 run: setup data
 	$(PY) knn.py
@@ -16,8 +17,11 @@ run: setup data
 # Two test processes (TEST_WORKERS=1: one); tests that share a fixture's runs stay in one process.
 TEST_WORKERS ?= 2
 
-test: setup data $(VENV)/.test-installed
+test: setup data browser $(VENV)/.test-installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+
+app: setup data $(VENV)/.app-installed
+	$(PY) app.py
 
 setup: $(VENV)/.installed
 
@@ -36,8 +40,12 @@ $(VENV)/.installed: requirements.txt
 	@$(call install,requirements.txt)
 	touch $@
 
-$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt requirements-app.txt
 	@$(call install,requirements-test.txt)
+	touch $@
+
+$(VENV)/.app-installed: $(VENV)/.installed requirements-app.txt
+	@$(call install,requirements-app.txt)
 	touch $@
 
 data: setup system-data
@@ -52,6 +60,17 @@ system-data:
 	  if [ "$$SUDO" != no ]; then \
 	    echo "No Fashion-MNIST copy found: installing dataset-fashion-mnist with apt-get"; \
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  fi; \
+	fi
+
+# The web page's tests drive Debian's chromium (Playwright cannot download its own browser here):
+# installed with apt-get when it is missing and apt can be used, as the data is.
+browser:
+	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  if [ "$$SUDO" != no ]; then \
+	    echo "No chromium found: installing it with apt-get, for the web page's tests"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	  fi; \
 	fi
 

@@ -46,18 +46,6 @@ INPUT_NAME = "images"  # the input's name in the exported signature
 
 
 
-def float32_copy(model):
-    """The same model and weights computing in float32 (a mixed-precision model's layers don't)."""
-    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
-        return model
-    config = model.get_config()
-    for layer in config["layers"]:
-        layer["config"]["dtype"] = "float32"
-    copy = model.__class__.from_config(config)
-    copy.set_weights(model.get_weights())
-    return copy
-
-
 def export(model, fmt, path):
     """Write `model` to `path` in format `fmt` with Keras's own exporters."""
     import tensorflow as tf
@@ -162,7 +150,7 @@ def main(argv=None):
     if args.format != "keras" and keras.backend.backend() != "tensorflow":
         sys.exit(f"error: --format {args.format} needs KERAS_BACKEND=tensorflow (it is {keras.backend.backend()})")
     try:
-        saved = models.load_model(name)
+        saved = models.load_model(name, as_saved=True)
         x_test, y_test = data.load_data("t10k")
     except (data.DataError, models.ModelError) as e:
         sys.exit(f"error: {e}")
@@ -170,7 +158,7 @@ def main(argv=None):
     x = data.normalize(x_test[:args.limit])[..., None]  # float32 (n, 28, 28, 1) in [0, 1]
     y = y_test[:args.limit]
 
-    model = float32_copy(saved)
+    model = models.float32_copy(saved)
     start = time.perf_counter()
     reference = np.asarray(model.predict(x, batch_size=BATCH_SIZE, verbose=0), dtype=np.float64)
     keras_seconds = time.perf_counter() - start

@@ -108,7 +108,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, as a KeyboardInterrupt: `timeout`, Slurm, Kubernetes and most schedulers stop a job with it."""
 
 
+TERMINATED = []  # the SIGTERM that raise_terminated raised for, for code that catches it (a server's loop)
+
+
 def raise_terminated(signum, frame):
+    TERMINATED.append(signum)
     raise Terminated
 
 

@@ -209,8 +209,28 @@ def read_info(name):
     return info
 
 
-def load_model(name, compile=False):
-    """Load models/NAME.h5 (or .keras, or a path); ModelError with one line when it cannot."""
+def float32_copy(model):
+    """The same model and weights computing in float32. A mixed-precision model keeps its training
+    policy in the file, and bfloat16 is emulated differently on each CPU: in float32 one model gives
+    one figure everywhere."""
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float32"
+    copy = model.__class__.from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def saved_policy(name):
+    """The dtype policy a model was trained and saved with, from its JSON (float32 when it says none)."""
+    return read_info(name).get("dtype_policy") or "float32"
+
+
+def load_model(name, compile=False, as_saved=False):
+    """Load models/NAME.h5 (or .keras, or a path), computing in float32 (as_saved: in the precision it
+    was saved with, such as mixed_bfloat16); ModelError with one line when it cannot."""
     path = model_path(name)
     if not path.exists():
         names = ", ".join(available_models()) or "none yet: train one with python train.py"
@@ -223,7 +243,7 @@ def load_model(name, compile=False):
     if tuple(model.input_shape[1:]) != INPUT_SHAPE or tuple(model.output_shape[1:]) != (NUM_CLASSES,):
         raise ModelError(f"{path} takes {model.input_shape[1:]} and gives {model.output_shape[1:]}; "
                          f"expected {INPUT_SHAPE} images and {NUM_CLASSES} class probabilities")
-    return model
+    return model if as_saved else float32_copy(model)
 
 
 def prepare(images):

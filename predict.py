@@ -113,6 +113,54 @@ class NoGarment(Exception):
     """A picture with nothing on it but its background."""
 
 
+class PictureError(Exception):
+    """A file that gives no model input; the message says why, in one line."""
+
+
+SCALES = (4, 8)  # catalogue_photo: upscaling factor of a garment, drawn uniformly from this range
+
+
+def catalogue_photo(image, rng):
+    """uint8 (28, 28) light-on-dark (a data image) -> an RGB Pillow image as a shop shows it: a dark
+    garment upscaled 4-8x, off centre on white. The reverse of prepare; bench/predict.py measures
+    how well prepare undoes it, and app.py makes its examples with it."""
+    scale = int(rng.integers(SCALES[0], SCALES[1] + 1))
+    side = 28 * scale
+    garment = Image.fromarray(255 - image).resize((side, side), Image.BICUBIC).convert("RGB")
+    left, right, top, bottom = rng.integers(side // 8, side, size=4)  # uneven white margins
+    canvas = Image.new("RGB", (side + int(left + right), side + int(top + bottom)), (255, 255, 255))
+    canvas.paste(garment, (int(left), int(top)))
+    return canvas
+
+
+def prepare_file(path):
+    """The model input (uint8 (28, 28)) of one picture file; PictureError when it has none."""
+    try:
+        with Image.open(path) as image:
+            return prepare(image)[0]
+    except NoGarment:
+        raise PictureError("no garment found (the picture is one plain colour)") from None
+    except Exception as e:  # Pillow raises many types for a file that is not an image it can decode
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PictureError(f"cannot be read as an image ({reason[:200]})") from None
+
+
+def results(probabilities, paths, class_names, temperature=None, top=DEFAULT_TOP):
+    """One record per picture, as --json prints them: the class, its probability, the top classes
+    (and, with a temperature, the calibrated ones beside them)."""
+    records = []
+    for path, p in zip(paths, probabilities):
+        order = np.argsort(-p, kind="stable")[:top]
+        record = {"path": str(path), "class": class_names[order[0]], "probability": round(float(p[order[0]]), 4),
+                  "top": [[class_names[c], round(float(p[c]), 4)] for c in order]}
+        if temperature:
+            q = models.calibrate(p[None], temperature)[0]
+            record["calibrated_probability"] = round(float(q[order[0]]), 4)
+            record["calibrated_top"] = [[class_names[c], round(float(q[c]), 4)] for c in order]
+        records.append(record)
+    return records
+
+
 def list_images(paths):
     """(the files to classify, the paths that do not exist): each path given, a folder meaning its
     files (not hidden), sorted. A path that does not exist is named on stderr."""
@@ -135,15 +183,9 @@ def read_images(files, save_dir=None):
     used_names = set()
     for path in files:
         try:
-            with Image.open(path) as image:
-                prepared, _ = prepare(image)
-        except NoGarment:
-            print(f"error: {path}: no garment found (the picture is one plain colour)", file=sys.stderr)
-            failed.append(path)
-            continue
-        except Exception as e:  # Pillow raises many types for a file that is not an image it can decode
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"error: {path}: cannot be read as an image ({reason[:200]})", file=sys.stderr)
+            prepared = prepare_file(path)
+        except PictureError as e:
+            print(f"error: {path}: {e}", file=sys.stderr)
             failed.append(path)
             continue
         images.append(prepared)
@@ -175,6 +217,9 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=DEFAULT_TOP,
                         help=f"classes shown per picture, the most probable first (default: {DEFAULT_TOP})")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of one line per picture")
+    parser.add_argument("--as-saved", action="store_true",
+                        help="compute in the precision the model was trained in (default: float32, the same "
+                             "answer on every machine)")
     parser.add_argument("--save-prepared", type=Path, metavar="DIR",
                         help="also write each 28x28 model input as DIR/NAME.png (default: not written)")
     args = parser.parse_args(argv)
@@ -189,7 +234,7 @@ def main(argv=None):
 
     name = models.model_name(args.model)
     try:
-        model = models.load_model(name)
+        model = models.load_model(name, as_saved=args.as_saved)
     except models.ModelError as e:
         sys.exit(f"error: {e}")
     temperature = models.read_info(name).get("temperature")
@@ -198,22 +243,13 @@ def main(argv=None):
     files, missing = list_images(args.paths)
     images, read, failed = read_images(files, args.save_prepared)
     probabilities = models.predict(model, images) if len(images) else np.zeros((0, len(class_names)))
-    results = []
-    for path, p in zip(read, probabilities):
-        order = np.argsort(-p, kind="stable")[:args.top]
-        result = {"path": str(path), "class": class_names[order[0]], "probability": round(float(p[order[0]]), 4),
-                  "top": [[class_names[c], round(float(p[c]), 4)] for c in order]}
-        if temperature:
-            q = models.calibrate(p[None], temperature)[0]
-            result["calibrated_probability"] = round(float(q[order[0]]), 4)
-            result["calibrated_top"] = [[class_names[c], round(float(q[c]), 4)] for c in order]
-        results.append(result)
+    records = results(probabilities, read, class_names, temperature, args.top)
 
     if args.json:
-        lines = ",\n".join(json.dumps(result) for result in results)  # one picture a line
-        print(f"[\n{lines}\n]" if results else "[]")
+        lines = ",\n".join(json.dumps(record) for record in records)  # one picture a line
+        print(f"[\n{lines}\n]" if records else "[]")
     else:
-        for result in results:
+        for result in records:
             line = f"{result['path']}: {result['class']} {result['probability']:.4f}"
             if temperature:
                 line += f" (calibrated {result['calibrated_probability']:.4f})"

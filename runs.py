@@ -215,7 +215,7 @@ class Run:
         if self.args.distribute:
             keras.distribution.set_distribution(None)
             model = models.load_model(files["model"])
-        figures = record(model, name, info, epochs, x_val, y_val, x_test, y_test)
+        figures = record(models.float32_copy(model), name, info, epochs, x_val, y_val, x_test, y_test)
         if info.get("best_epoch") == epochs:  # the checkpoint holds the final weights
             models.write_json(files["best"].with_suffix(".json"), {**figures, "model": f"{name}_acc"})
             print(f"Model: {files['best']}: the same weights (the last epoch was the best)")
@@ -478,11 +478,11 @@ def time_left(epochs_left, session_seconds):
 # ---- The record: figures and JSON ----
 
 def record(model, name, run_info, epochs, x_val, y_val, x_test, y_test):
-    """Evaluate a saved model on validation and test, write its JSON beside it, print its lines;
-    returns the JSON's content."""
+    """Evaluate a saved model on validation and test (in float32, whatever it trained in, as test.py
+    does), write its JSON beside it, print its lines; returns the JSON's content."""
     val = models.scores(models.predict(model, x_val), y_val) if len(x_val) else (None, None)
     test = models.scores(models.predict(model, x_test), y_test)
-    info = {**run_info, **machine.environment(), "model": name, "epochs": epochs,
+    info = {**run_info, **machine.environment(), "model": name, "epochs": epochs, "evaluated_in": "float32",
             "val_accuracy": val[0], "val_loss": val[1], "test_accuracy": test[0], "test_loss": test[1]}
     models.write_json(models.MODELS_DIR / f"{name}.json", info)
     print(f"Model: {models.MODELS_DIR / name}.h5 (epoch {epochs})")

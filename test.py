@@ -119,7 +119,7 @@ def recipe_sibling(name, info):
     return same[0]
 
 
-def fit_and_store(name, model, borrow_from=None):
+def fit_and_store(name, model, borrow_from=None, as_saved=False):
     """Fit the temperature of `name` on its validation split and record it in its JSON.
 
     A model trained on all the data borrows the temperature of `borrow_from` (found by recipe
@@ -129,7 +129,7 @@ def fit_and_store(name, model, borrow_from=None):
     info = models.read_info(name)
     if info.get("all_data") or borrow_from:
         source = borrow_from or recipe_sibling(name, info)
-        temperature = fit_and_store(source, models.load_model(source))
+        temperature = fit_and_store(source, models.load_model(source, as_saved=as_saved), as_saved=as_saved)
         fields = {"temperature": temperature, "temperature_from": source,
                   "temperature_fitted_on": f"{source}'s validation split (this model has none of its own)"}
     else:
@@ -141,7 +141,7 @@ def fit_and_store(name, model, borrow_from=None):
         after = (nll(probabilities, y_val, temperature), expected_calibration_error(calibrated, y_val))
         print(f"Model: {name}: temperature {temperature:.4f} fitted on its validation split "
               f"({len(y_val)} images): NLL {before[0]:.4f} -> {after[0]:.4f}, ECE {before[1]:.4f} -> {after[1]:.4f}")
-        fields = {"temperature": temperature,
+        fields = {"temperature": temperature, "temperature_computed_in": model.layers[0].dtype_policy.name,
                   "temperature_fitted_on": f"validation split: last {data.VAL_FRACTION:.0%} of the first "
                                            f"{info.get('limit') or 60000} training images ({len(y_val)} images)",
                   "temperature_validation": {"nll": before[0], "nll_calibrated": after[0],
@@ -154,6 +154,24 @@ def fit_and_store(name, model, borrow_from=None):
     print(f"Model: {name}: temperature {temperature:.4f} written to {models.model_path(name).with_suffix('.json')}"
           + (f" (borrowed from {fields['temperature_from']})" if "temperature_from" in fields else ""))
     return temperature
+
+
+def record_figures(name, model, test_probabilities, y_test):
+    """--record: the model's figures, as this script computes them (float32), into its JSON. The figures
+    the JSON held before (from train.py, in the training precision) are kept under "as_trained" once."""
+    info = models.read_info(name)
+    if "as_trained" not in info and "test_accuracy" in info:
+        info["as_trained"] = {key: info.get(key) for key in ("val_accuracy", "val_loss", "test_accuracy",
+                                                             "test_loss", "dtype_policy", "device")}
+    val = (None, None)
+    if not info.get("all_data") and "recipe" in info:
+        x_val, y_val = validation_split(info)
+        val = models.scores(models.predict(model, x_val), y_val)
+    test = models.scores(test_probabilities, y_test)
+    info.update(val_accuracy=val[0], val_loss=val[1], test_accuracy=test[0], test_loss=test[1],
+                evaluated_in=model.layers[0].dtype_policy.name, evaluated_on=machine.device_name())
+    models.write_json(models.model_path(name).with_suffix(".json"), info)
+    print(f"Model: {name}: figures written to {models.model_path(name).with_suffix('.json')}")
 
 
 # Reporting and plots
@@ -309,6 +327,11 @@ def main(argv=None):
     parser.add_argument("--calibrate-from", metavar="NAME",
                         help="with --calibrate: borrow the temperature of this model (default: for a model "
                              "trained with --all-data, the model in models/ with the same recipe and settings)")
+    parser.add_argument("--as-saved", action="store_true",
+                        help="compute in the precision each model was trained in (mixed_bfloat16: emulated "
+                             "differently on each CPU) (default: float32, one figure on every machine)")
+    parser.add_argument("--record", action="store_true",
+                        help="write each model's validation and test figures, as computed here, into its JSON")
     parser.add_argument("--show", action="store_true", help="open the plots in windows")
     parser.add_argument("--plots-dir", type=Path,
                         help=f"where the plots go (default: {SCREENSHOTS_DIR} for {SHIPPED_MODEL}, "
@@ -333,10 +356,11 @@ def main(argv=None):
 
 
     try:
-        loaded = [(name, models.load_model(name)) for name in names]
+        loaded = [(name, models.load_model(name, as_saved=args.as_saved)) for name in names]
         if args.calibrate:
             for name, model in loaded:
-                fit_and_store(name, model, args.calibrate_from and models.model_name(args.calibrate_from))
+                fit_and_store(name, model, args.calibrate_from and models.model_name(args.calibrate_from),
+                              args.as_saved)
         x_test, y_test = data.load_data("t10k")  # only now: nothing above sees the test set
     except (data.DataError, models.ModelError, CalibrationError) as e:
         for folder in created:  # leave no empty plots folder behind
@@ -350,8 +374,11 @@ def main(argv=None):
         probabilities = models.predict(model, x_test)
         info = models.read_info(name)
         recorded = info.get("test_accuracy")
-        report(f"Model: {name}" + (f" (its JSON records {recorded:.4f})" if recorded is not None else ""),
-               probabilities, y_test)
+        policy = model.layers[0].dtype_policy.name
+        report(f"Model: {name}" + (f" in {policy} (--as-saved)" if args.as_saved else "")
+               + (f" (its JSON records {recorded:.4f})" if recorded is not None else ""), probabilities, y_test)
+        if args.record:
+            record_figures(name, model, probabilities, y_test)
         calibrated = None
         if info.get("temperature"):
             temperature = info["temperature"]

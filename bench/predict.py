@@ -34,21 +34,9 @@ import models  # noqa: E402
 import predict  # noqa: E402
 
 SEED = 0  # the scales and positions of the garments on their canvases
-SCALES = (4, 8)  # upscaling factor of a garment, drawn uniformly from this range (inclusive)
 JPEG_QUALITY = 90
 GRID_FILTERS = {"box": Image.BOX, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 GRID_SHARPEN = (0, 100, 150)  # unsharp-mask percent; 0: no sharpening
-
-
-def catalogue_photo(image, rng):
-    """uint8 (28, 28) light-on-dark -> an RGB Pillow image: dark garment, off centre on white."""
-    scale = int(rng.integers(SCALES[0], SCALES[1] + 1))
-    side = 28 * scale
-    garment = Image.fromarray(255 - image).resize((side, side), Image.BICUBIC).convert("RGB")
-    left, right, top, bottom = rng.integers(side // 8, side, size=4)  # uneven white margins
-    canvas = Image.new("RGB", (side + int(left + right), side + int(top + bottom)), (255, 255, 255))
-    canvas.paste(garment, (int(left), int(top)))
-    return canvas
 
 
 def cpu_name():
@@ -72,7 +60,7 @@ def grid(model, x, y, original, rng):
     photos = []
     for image in x:
         buffer = io.BytesIO()
-        catalogue_photo(image, rng).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        predict.catalogue_photo(image, rng).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         photos.append(buffer.getvalue())
     for filter_name, resize_filter in GRID_FILTERS.items():
         for percent in GRID_SHARPEN:
@@ -106,7 +94,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         for i, image in enumerate(x):
-            catalogue_photo(image, rng).save(Path(folder) / f"{i:05d}.jpg", quality=JPEG_QUALITY)
+            predict.catalogue_photo(image, rng).save(Path(folder) / f"{i:05d}.jpg", quality=JPEG_QUALITY)
         print(f"Photos: {len(x)} JPEGs written in {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
         out = subprocess.run([sys.executable, "predict.py", "--model", args.model, "--json", folder],

@@ -137,3 +137,18 @@ def test_calibrating_keeps_the_argmax_and_temperature_one_changes_nothing():
     softer = models.calibrate(p, 2.0)
     assert np.array_equal(softer.argmax(axis=1), p.argmax(axis=1)) and np.allclose(softer.sum(axis=1), 1)
     assert softer.max() < p.max()
+
+
+def test_the_shipped_mixed_precision_model_computes_in_float32_unless_asked_as_saved():
+    """best.h5 keeps its training policy (mixed_bfloat16), which each CPU emulates its own way; loaded
+    for use it computes in float32, the same figure everywhere (0.9483, as its ONNX export does)."""
+    import data
+
+    as_saved = models.load_model("best", as_saved=True)
+    model = models.load_model("best")
+    assert {layer.dtype_policy.name for layer in as_saved.layers} >= {"mixed_bfloat16"}
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), as_saved.get_weights()))
+    x_test, y_test = data.load_data("t10k")
+    accuracy, _ = models.scores(models.predict(model, x_test), y_test)
+    assert round(accuracy, 4) == 0.9483 == models.read_info("best")["test_accuracy"]

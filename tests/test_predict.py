@@ -23,16 +23,6 @@ def test_images():
     return x[:N_PHOTOS], y[:N_PHOTOS]
 
 
-def catalogue_photo(image, rng):
-    """A dark garment on white, as in a shop: the data image negated, upscaled 4-8x, off centre."""
-    side = 28 * int(rng.integers(4, 9))
-    garment = Image.fromarray(255 - image).resize((side, side), Image.BICUBIC)
-    left, top, right, bottom = (int(m) for m in rng.integers(side // 8, side, size=4))
-    photo = Image.new("RGB", (left + side + right, top + side + bottom), "white")
-    photo.paste(garment.convert("RGB"), (left, top))
-    return photo
-
-
 def classify(*args):
     return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
 
@@ -45,7 +35,7 @@ def test_catalogue_photos_are_classified_nearly_as_well_as_the_originals(tmp_pat
     photos.mkdir()
     for i, image in enumerate(x):
         Image.fromarray(image).save(originals / f"{i:03d}.png")  # 28x28, light on dark: taken as they are
-        catalogue_photo(image, rng).save(photos / f"{i:03d}.jpg", quality=90)
+        predict.catalogue_photo(image, rng).save(photos / f"{i:03d}.jpg", quality=90)
     (photos / "notes.txt").write_text("not a picture")
 
     with pytest.raises(SystemExit) as exit_info:
@@ -94,7 +84,7 @@ def test_a_picture_that_already_looks_like_the_data_is_not_negated(test_images):
     prepared, negated = predict.prepare(big)
     assert not negated
     assert np.abs(prepared.astype(int) - x[0]).mean() < 25  # light garment on black, as the original
-    photo_prepared, photo_negated = predict.prepare(catalogue_photo(x[0], np.random.default_rng(2)))
+    photo_prepared, photo_negated = predict.prepare(predict.catalogue_photo(x[0], np.random.default_rng(2)))
     assert photo_negated and np.abs(photo_prepared.astype(int) - x[0]).mean() < 25
 
 
@@ -118,7 +108,7 @@ def test_save_prepared_writes_what_the_model_saw(tmp_path, test_images, capsys):
     x, y = test_images
     rng = np.random.default_rng(3)
     for i in range(4):
-        catalogue_photo(x[i], rng).save(tmp_path / f"shirt{i}.jpg")
+        predict.catalogue_photo(x[i], rng).save(tmp_path / f"shirt{i}.jpg")
     predict.main(["--json", "--save-prepared", str(tmp_path / "seen"), str(tmp_path)])
     first = json.loads(capsys.readouterr().out)
     saved = sorted((tmp_path / "seen").iterdir())
