@@ -14,14 +14,8 @@ import itertools
 
 import numpy as np
 
-import machine
-
-machine.start_backend()
-
-import keras  # noqa: E402
-
-import erasing  # noqa: E402
-import models  # noqa: E402
+import erasing
+import models
 
 
 def labels(y, settings):
@@ -88,20 +82,4 @@ def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=
         for start, stop in itertools.pairwise(np.cumsum([0, *sizes])):
             yield models.prepare(x_epoch[start:stop]), y_epoch[start:stop]
 
-
-class DropoutStreams(keras.callbacks.Callback):
-    """At the start of every epoch, points each dropout layer's random stream at (seed, layer,
-    epoch): a saved model keeps neither the streams' seeds nor their positions, and a resumed run
-    must draw the masks the unbroken run would have drawn."""
-
-    def __init__(self, seed):
-        super().__init__()
-        self.seed = seed
-
-    def on_epoch_begin(self, epoch, logs=None):
-        for index, layer in enumerate(self.model.layers):
-            generator = getattr(layer, "seed_generator", None)
-            if generator is not None:
-                layer_seed = np.random.default_rng([self.seed, index]).integers(2**31)
-                generator.state.assign(np.array([layer_seed, epoch << 20], dtype=generator.state.dtype))
 

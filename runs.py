@@ -31,6 +31,7 @@ machine.start_backend()
 import keras  # noqa: E402
 
 import data  # noqa: E402
+import callbacks  # noqa: E402
 import distribute  # noqa: E402
 import feed  # noqa: E402
 import models  # noqa: E402
@@ -130,20 +131,20 @@ class Run:
 
     def fit(self, model, stream, steps, validation):
         """Train to the run's last epoch: after each epoch its CSV row, then its checkpoints. Ctrl-C
-        stops between steps and exits (130) with the command that continues the run."""
+        stops between steps and exits (130; SIGTERM: 143) with the command that continues the run."""
         args, settings, files = self.args, self.settings, self.files
-        ctrl_c = CtrlC()
-        callbacks = [feed.DropoutStreams(args.seed), ctrl_c]
+        ctrl_c = callbacks.CtrlC()
+        hooks = [callbacks.DropoutStreams(args.seed), ctrl_c]
         if self.lead:
-            callbacks[:0] = [keras.callbacks.CSVLogger(str(files["csv"]), append=self.first_epoch > 0),
-                             Checkpoints(files, self.info, ctrl_c)]
+            hooks[:0] = [keras.callbacks.CSVLogger(str(files["csv"]), append=self.first_epoch > 0),
+                             callbacks.Checkpoints(files, self.info, ctrl_c)]
         batches = distribute.mirrored_feed(stream, *stream.images) if self.mirrored else stream()
         start = time.perf_counter()
         interrupted, failed = False, None
         try:
             with ctrl_c:
                 model.fit(batches, steps_per_epoch=steps, shuffle=False, epochs=settings["epochs"],
-                          initial_epoch=self.first_epoch, validation_data=validation, callbacks=callbacks,
+                          initial_epoch=self.first_epoch, validation_data=validation, callbacks=hooks,
                           verbose=1 if sys.stdout.isatty() else 2,
                           validation_batch_size=settings["batch_size"] // self.group.processes if args.distribute
                           else None)
@@ -381,98 +382,6 @@ def begin(args, settings, files, command, replicas=1):
     run_info.setdefault("resumed_with", []).append(command)
     print(f"Resuming {args.name} after epoch {run_info['epochs_done']} of {settings['epochs']}")
     return run_info, settings, extended
-
-
-
-# ---- Training: Ctrl-C, checkpoints, the time left ----
-
-class CtrlC(keras.callbacks.Callback):
-    """Ctrl-C or SIGTERM during training: stop after the current step, never inside a checkpoint save.
-
-    Python's own KeyboardInterrupt fires wherever the interpreter happens to be, and one
-    that fires inside a finalizer run by the garbage collector is printed and dropped, so
-    training would go on. Here the handler only sets a flag; the callback raises
-    KeyboardInterrupt between steps (and Checkpoints after its saves). A second Ctrl-C
-    raises at once.
-
-    The flag is read before each step, not after: a callback with a batch-end hook makes Keras
-    wait for every step's loss before the next step starts, which under JAX (whose backend can
-    run such hooks in a thread) keeps a GPU idle between steps.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.pressed = 0  # the signal that asked to stop
-
-    def __enter__(self):
-        self.previous = {stop: signal.signal(stop, self.handle) for stop in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for stop, handler in self.previous.items():
-            signal.signal(stop, handler)
-
-    def handle(self, signum, frame):
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = signum  # SIGTERM (a scheduler's stop, `timeout`) stops as Ctrl-C does
-
-    def check(self):
-        if self.pressed:
-            raise KeyboardInterrupt
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self.check()
-
-    def on_test_batch_begin(self, batch, logs=None):
-        self.check()
-
-
-class Checkpoints(keras.callbacks.Callback):
-    """After every epoch: the best validation checkpoint (when it improves), then the resume state.
-
-    Runs after the CSVLogger, so a stop between the two leaves a history row that the resume
-    state does not cover; --resume trims it.
-    """
-
-    def __init__(self, files, run_info, ctrl_c):
-        super().__init__()
-        self.files, self.run_info, self.ctrl_c = files, run_info, ctrl_c
-        self.best = run_info.get("best_val_accuracy", -1.0)
-        self.session_seconds = []  # this session's epochs: the pace of this machine, now
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        lines = []
-        val_accuracy = float((logs or {}).get("val_accuracy", float("nan")))
-        if val_accuracy > self.best:
-            self.best = val_accuracy
-            self.run_info.update(best_val_accuracy=val_accuracy, best_epoch=epoch + 1)
-            distribute.save(self.model, self.files["best"], include_optimizer=False)
-            lines.append(f"Epoch {epoch + 1}: val_accuracy improved to {val_accuracy:.4f}, saved {self.files['best'].name}")
-        seconds = time.perf_counter() - self.epoch_start
-        self.session_seconds.append(seconds)
-        self.run_info.update(epochs_done=epoch + 1, train_seconds=self.run_info["train_seconds"] + seconds)
-        distribute.save(self.model, self.files["resume"])
-        models.write_json(self.files["resume_info"], self.run_info)
-        left = self.params["epochs"] - (epoch + 1)
-        if left:
-            lines.append(time_left(left, self.session_seconds))
-        if lines:  # on a line of their own: in a terminal, Keras's progress bar has not ended its line yet
-            print("\n" + "\n".join(lines))
-        self.ctrl_c.check()
-
-
-def time_left(epochs_left, session_seconds):
-    """The line after an epoch: how long the epochs left take at this session's pace (the first
-    epoch of a session, which builds the model's functions, counts only while it is the only one)."""
-    pace = session_seconds[1:] or session_seconds
-    seconds = round(epochs_left * sum(pace) / len(pace))
-    hours, minutes = divmod(round(seconds / 60), 60)
-    remaining = f"{hours} h {minutes} min" if hours else f"{minutes} min" if minutes else f"{seconds} s"
-    return f"{epochs_left} epoch{'s' * (epochs_left > 1)} to go: about {remaining} at this pace"
 
 
 # ---- The record: figures and JSON ----

@@ -39,8 +39,8 @@ machine.run(lambda: train.main(sys.argv[1:]))  # as train.py runs its main
 """
 
 
-def make(folder, scripts=("data.py", "distribute.py", "erasing.py", "feed.py", "machine.py", "models.py", "runs.py",
-                         "test.py", "train.py")):
+def make(folder, scripts=("callbacks.py", "data.py", "distribute.py", "erasing.py", "feed.py", "machine.py",
+                         "models.py", "runs.py", "test.py", "train.py")):
     """The copy in `folder` (made here), with run_train.py beside the scripts."""
     data.get_data("train"), data.get_data("t10k")
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 
-import feed
+import callbacks
 import machine
 import models
 import runs
@@ -36,9 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---- Pure parts ----
 
 def test_the_time_left_is_told_at_this_sessions_pace_without_its_first_epoch():
-    assert runs.time_left(99, [960.0]) == "99 epochs to go: about 26 h 24 min at this pace"
-    assert runs.time_left(2, [40.0, 700.0, 800.0]) == "2 epochs to go: about 25 min at this pace"
-    assert runs.time_left(1, [9.0, 3.0]) == "1 epoch to go: about 3 s at this pace"
+    assert callbacks.time_left(99, [960.0]) == "99 epochs to go: about 26 h 24 min at this pace"
+    assert callbacks.time_left(2, [40.0, 700.0, 800.0]) == "2 epochs to go: about 25 min at this pace"
+    assert callbacks.time_left(1, [9.0, 3.0]) == "1 epoch to go: about 3 s at this pace"
 
 
 def test_a_resumed_run_is_the_unbroken_run_and_resume_finds_its_own_run(project):
@@ -185,8 +185,7 @@ def test_extending_a_cosine_run_rebuilds_its_schedule(project, capsys):
 def test_no_callback_of_train_py_waits_for_each_steps_loss():
     """Keras runs batch-end hooks in a thread under JAX only when no callback defines one of its own;
     one that does makes every step wait for the last step's loss (a GPU idles between steps)."""
-    callbacks = [runs.CtrlC(), feed.DropoutStreams(1), runs.Checkpoints({}, {}, None)]
-    for callback in callbacks:
+    for callback in [callbacks.CtrlC(), callbacks.DropoutStreams(1), callbacks.Checkpoints({}, {}, None)]:
         for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end"):
             assert getattr(type(callback), hook) is getattr(keras.callbacks.Callback, hook), (callback, hook)
 
