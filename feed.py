@@ -5,8 +5,8 @@
     images, labels = next(stream)                                     # float32 (n, 28, 28, 1), labels
 
 Augmentation follows the run's settings: "copies" makes flipped-and-erased copies of every image
-once (the original write-up's way); "online" flips and erases the images anew every epoch. The
-flips and the boxes are erasing.py's. Every epoch is drawn from its own generator, seeded by
+once (the original write-up's way); "online" flips, erases and (with translate) shifts the images
+anew every epoch. The flips and the boxes are erasing.py's. Every epoch is drawn from its own generator, seeded by
 (seed, epoch), so a resumed run sees the batches the unbroken run would have seen.
 """
 
@@ -36,6 +36,19 @@ def training_images(x, y, settings, seed):
     if settings["augment"] == "copies":
         return erasing.augment(x, y, settings["augment_copies"], rng=seed, **erasing_of(settings))
     return x, y
+
+
+def translate(x, rng, pixels):
+    """Each image of x (n, h, w) shifted by its own random offset of up to `pixels` each way, the edge
+    filled with 0 (the data's black background); pixels 0: x itself."""
+    if not pixels:
+        return x
+    n, height, width = x.shape[:3]
+    padded = np.pad(x, ((0, 0), (pixels, pixels), (pixels, pixels)) + ((0, 0),) * (x.ndim - 3))
+    down, right = rng.integers(0, 2 * pixels + 1, size=(2, n))
+    rows = (down[:, None] + np.arange(height))[:, :, None]
+    cols = (right[:, None] + np.arange(width))[:, None, :]
+    return padded[np.arange(n)[:, None, None], rows, cols]
 
 
 def feed_plan(n_images, batch_size, replicas=1, process=0, processes=1):
@@ -68,16 +81,18 @@ def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=
     """
     positions, sizes = feed_plan(len(x), settings["batch_size"], replicas, process, processes)
     online, erase = settings["augment"] == "online", erasing_of(settings)
+    shift = settings.get("translate", 0)  # a run recorded before translation existed: none
     for epoch in itertools.count(first_epoch):
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(x))
         if online and processes == 1:
-            x_epoch = erasing.flip_and_erase(x[order], rng, **erase)
+            x_epoch = translate(erasing.flip_and_erase(x[order], rng, **erase), rng, shift)
             x_epoch = x_epoch[positions] if len(positions) < len(x) else x_epoch
         else:
             x_epoch = x[order[positions]]
             if online:
-                x_epoch = erasing.flip_and_erase(x_epoch, np.random.default_rng([seed, epoch, process]), **erase)
+                own = np.random.default_rng([seed, epoch, process])
+                x_epoch = translate(erasing.flip_and_erase(x_epoch, own, **erase), own, shift)
         y_epoch = y[order[positions]]
         for start, stop in itertools.pairwise(np.cumsum([0, *sizes])):
             yield models.prepare(x_epoch[start:stop]), y_epoch[start:stop]

@@ -51,6 +51,7 @@ RECIPES = {
         augment_copies=2,       # flipped-and-erased copies per image (copies only; 0: no augmentation)
         erase_fill="box",       # box: one grey level per erased box; pixel: a value per pixel
         erase_placement="original",  # as the original's eraser: size and place redrawn until the box fits
+        translate=0,            # online only: each image shifted by up to this many pixels each way; 0: none
         label_smoothing=0.0,    # 0: plain cross-entropy
         weight_decay=0.0,       # decoupled weight decay (AdamW-style); 0: none
         mixed_precision=False,  # bfloat16 on CPUs, float16 on GPUs; "auto": where the hardware has it
@@ -58,7 +59,7 @@ RECIPES = {
     # About an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 5: ~40 s an epoch).
     "fast": dict(epochs=80, batch_size=250, optimizer="adam", lr=2e-3, schedule="cosine", warmup_epochs=1.0,
                  dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", erase_placement="paper",
-                 label_smoothing=0.0, weight_decay=0.0, mixed_precision="auto"),
+                 translate=0, label_smoothing=0.0, weight_decay=0.0, mixed_precision="auto"),
 }
 CHOICES = {"optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"), "dropout": tuple(models.DROPOUT_PRESETS),
            "augment": ("copies", "online"), "erase_fill": erasing.FILLS, "erase_placement": erasing.PLACEMENTS}
@@ -74,6 +75,7 @@ HELP = {
     "erase_placement": "Random Erasing box: as the paper (size redrawn, then a place that fits), or as the "
                        "original write-up's eraser (size and place redrawn together until it fits: fewer large "
                        "boxes)",
+    "translate": "random translation, online only: each image shifted by up to this many pixels, zero-padded",
     "label_smoothing": "label smoothing", "weight_decay": "decoupled weight decay",
     "mixed_precision": "bfloat16 on CPUs, float16 on GPUs",
 }
@@ -128,6 +130,8 @@ def check_settings(settings, args):
         return "--epochs and --batch-size must be at least 1, --augment-copies at least 0"
     if settings["lr"] <= 0 or settings["warmup_epochs"] < 0 or settings["weight_decay"] < 0:
         return "--lr must be above 0, --warmup-epochs and --weight-decay at least 0"
+    if not 0 <= settings["translate"] <= 8 or settings["translate"] and settings["augment"] != "online":
+        return "--translate must be 0 to 8 pixels, and goes with --augment online"
     if not 0 <= settings["label_smoothing"] < 1:
         return "--label-smoothing must be at least 0 and below 1"
     if args.minutes is not None and (args.epochs is not None or args.resume or args.minutes <= 0):

@@ -144,3 +144,25 @@ def test_all_data_and_minutes(project, monkeypatch):
     assert np.isnan(history["val_accuracy"]).all()  # Keras's CSVLogger writes NA
     assert record["epochs_done"] == record["settings"]["epochs"] >= 1
     assert record["timed"]["train_images_per_s"] > 0 and record["timed"]["epoch_seconds"] > 0
+
+
+def test_translation_shifts_each_image_by_its_own_offset_within_the_limit():
+    x = np.zeros((500, 28, 28), dtype=np.uint8)
+    x[:, 10:18, 10:18] = 200  # a block well inside: every shift keeps it whole
+    shifted = feed.translate(x, np.random.default_rng(0), 3)
+    assert shifted.shape == x.shape and shifted.dtype == x.dtype
+    assert (shifted.sum(axis=(1, 2)) == x.sum(axis=(1, 2))).all()  # moved, not cut
+    rows, cols = [np.array([np.flatnonzero(img.any(axis=axis))[0] for img in shifted]) - 10 for axis in (1, 0)]
+    assert rows.min() == cols.min() == -3 and rows.max() == cols.max() == 3  # every offset, none further
+    assert len({(r, c) for r, c in zip(rows, cols)}) == 49
+    assert feed.translate(x, np.random.default_rng(0), 0) is x
+    settings = dict(train.RECIPES["fast"], batch_size=100, translate=2)
+    one, again = (feed.batches(x, np.zeros(500, int), settings, seed=5, first_epoch=3) for _ in range(2))
+    assert np.array_equal(next(one)[0], next(again)[0])  # seeded by (seed, epoch), as the rest of the feed
+
+
+def test_translation_goes_with_online_augmentation_only(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--translate", "2"])  # the original recipe makes fixed copies
+    assert "--translate must be 0 to 8 pixels, and goes with --augment online" in capsys.readouterr().err
+    assert train.parse_args(["--recipe", "fast", "--translate", "2"])[1]["translate"] == 2
