@@ -223,11 +223,6 @@ def float32_copy(model):
     return copy
 
 
-def saved_policy(name):
-    """The dtype policy a model was trained and saved with, from its JSON (float32 when it says none)."""
-    return read_info(name).get("dtype_policy") or "float32"
-
-
 def load_model(name, compile=False, as_saved=False):
     """Load models/NAME.h5 (or .keras, or a path), computing in float32 (as_saved: in the precision it
     was saved with, such as mixed_bfloat16); ModelError with one line when it cannot."""

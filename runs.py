@@ -81,7 +81,9 @@ class Run:
 
     def validation(self, x_val, y_val):
         """This process's share of the validation images; None when there are none to share."""
-        return distribute.validation_share(x_val, y_val, self.replicas, self.group) if len(x_val) >= self.replicas else None
+        if len(x_val) < self.replicas:
+            return None
+        return distribute.validation_share(x_val, y_val, self.replicas, self.group)
 
     def fit_to_minutes(self, minutes, build, x_train, n_images, n_val, n_test):
         """--minutes: time a throwaway build() here, then set the epochs to what fits (process 0's
@@ -179,10 +181,13 @@ class Run:
             if "best_epoch" in self.info:
                 print(f"The best model so far is {self.files['best']} "
                       f"(val_accuracy {self.info['best_val_accuracy']:.4f}).")
-            print("Continue with: python train.py --resume"
-                  + ("" if self.args.name == SCRATCH_NAME else f" --name {self.args.name}")
-                  + (" --distribute" if self.args.distribute else ""))
+            print(f"Continue with: {self.resume_command()}")
         sys.exit(machine.stop_code(signum))
+
+    def resume_command(self):
+        """The command that continues this run."""
+        return ("python train.py --resume" + ("" if self.args.name == SCRATCH_NAME else f" --name {self.args.name}")
+                + (" --distribute" if self.args.distribute else ""))
 
     def out_of_space(self, error):
         """Exit with one line when `error` is a full disk: which file, about how much it needs, the
@@ -193,9 +198,7 @@ class Run:
         saved = stopped_at(self.files, finished=True) if self.lead else None
         at = (f"the run is saved at epoch {saved[0]} of {saved[1]}: free some space, then continue with"
               if saved else "no epoch is saved yet: free some space, then start it again with")
-        sys.exit(f"error: {what}; {at}: python train.py --resume"
-                 + ("" if self.args.name == SCRATCH_NAME else f" --name {self.args.name}")
-                 + (" --distribute" if self.args.distribute else ""))
+        sys.exit(f"error: {what}; {at}: {self.resume_command()}")
 
     def record(self, model, x_val, y_val, x_test, y_test):
         """The final model and the best checkpoint, evaluated and recorded (process 0); a full disk

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -49,6 +50,19 @@ def make(folder, scripts=("callbacks.py", "data.py", "distribute.py", "erasing.p
     (folder / "run_train.py").write_text(RUNNER)
     (folder / "data").symlink_to(data.DATA_DIR)
     return folder
+
+
+def stop_after_first_checkpoint(folder, signum, *args, name="latest"):
+    """`python train.py *args` in the copy, sent `signum` once run NAME has written its first best
+    checkpoint (so there is an epoch to keep): (returncode, stdout, stderr)."""
+    best = folder / "models" / f"{name}_acc.h5"
+    process = start(folder, *args)
+    deadline = time.time() + 120
+    while not best.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    return process.returncode, stdout, stderr
 
 
 def environment(**variables):

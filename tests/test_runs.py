@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -30,7 +29,6 @@ from sandbox import SMALL, TINY, info, refused, run, weights
 
 ROOT = Path(__file__).resolve().parent.parent
 # Whole batches only (a smaller last batch would cost another trace of the training step).
-
 
 
 # ---- Pure parts ----
@@ -225,13 +223,8 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     folders), as the README gives them; the process runs in a copy of the scripts, test images cut to 200."""
     folder = sandbox.make(project)  # its models/ and screenshots/ are the in-process run's too
     best = folder / "models" / "latest_acc.h5"
-    process = sandbox.start(folder, "--epochs", "30", *TINY[2:])
-    deadline = time.time() + 120
-    while not best.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr[-2000:]
+    returncode, stdout, stderr = sandbox.stop_after_first_checkpoint(folder, signal.SIGINT, "--epochs", "30", *TINY[2:])
+    assert returncode == 130, stderr[-2000:]
     assert "Continue with: python train.py --resume\n" in stdout and "Traceback" not in stderr
     for noise in ("cuInit", "cuda drivers", "cpu_feature_guard", "oneDNN", "absl::InitializeLog"):
         assert noise not in stderr, stderr
@@ -253,19 +246,13 @@ def test_the_readme_commands_without_a_name_stop_resume_and_save_latest_quietly(
     assert keras.models.load_model(folder / "models" / "latest.h5").count_params() == 3_458_382
 
 
-
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_status_143(project, capsys):
     """Schedulers (Slurm, Kubernetes, `timeout`) stop a job with SIGTERM: the run stops between steps,
     keeps its state, says how to continue and exits 143; --resume then goes on."""
     folder = sandbox.make(project)
-    best = folder / "models" / "term_acc.h5"
-    process = sandbox.start(folder, "--epochs", "30", *TINY[2:], "--name", "term")
-    deadline = time.time() + 120
-    while not best.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 143, stderr[-2000:]
+    returncode, stdout, stderr = sandbox.stop_after_first_checkpoint(folder, signal.SIGTERM, "--epochs", "30",
+                                                                     *TINY[2:], "--name", "term", name="term")
+    assert returncode == 143, stderr[-2000:]
     assert "Interrupted (SIGTERM) after epoch" in stdout and "Traceback" not in stderr
     assert "Continue with: python train.py --resume --name term\n" in stdout
     done = json.loads((folder / "models" / "term_resume.json").read_text())["epochs_done"]
