@@ -41,6 +41,7 @@ EXAMPLES = 10  # example pictures, one of each class
 UNSURE = 0.5  # below this top probability the page says the model is unsure
 SHOWN_SIZE = 224  # pixels: the 28x28 input, scaled up 8x without smoothing
 KEPT = set()  # Gradio's copies of the examples, in UPLOADS too: never deleted
+HINT = "Drop a picture above, paste one, or click an example."
 
 
 def model_choices():
@@ -87,8 +88,10 @@ def classify(path, name):
     """The page's answer for one picture file: the answer (see answer) and the prepared input, kept
     for a change of model. The upload itself is deleted once it is prepared."""
     if not path:
-        return None, None, "Drop a picture above, paste one, or click an example.", None
-    if not Path(path).exists() and Path(path).resolve().is_relative_to(UPLOADS.resolve()):
+        return None, None, HINT, None
+    upload = Path(path).resolve()
+    ours = upload.is_relative_to(UPLOADS.resolve()) and upload not in KEPT  # an upload, not an example
+    if ours and not upload.exists():
         import gradio as gr  # an upload answered and deleted: the browser sent it twice (upload, then change)
 
         return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -97,9 +100,8 @@ def classify(path, name):
     except predict.PictureError as e:
         return None, None, f"**This file gives no answer**: it {e}.", None
     finally:
-        upload = Path(path).resolve()
-        if upload.is_relative_to(UPLOADS.resolve()) and upload not in KEPT:
-            upload.unlink(missing_ok=True)  # uploads are not kept after the answer (examples are)
+        if ours:
+            upload.unlink(missing_ok=True)  # uploads are not kept after the answer
     return (*answer(prepared, name, path), prepared)
 
 
@@ -107,15 +109,15 @@ def answer(prepared, name, path="picture"):
     """({class: probability} for the bars, the input as the model saw it, scaled up, the line below),
     with predict.py's records: the same figures as `python predict.py --json`."""
     if prepared is None:
-        return None, None, "Drop a picture above, paste one, or click an example."
+        return None, None, HINT
     try:
         model, temperature = load(name)
     except models.ModelError as e:
         return None, None, f"**The model {name} cannot be used**: {e}"
-    probabilities = models.predict(model, np.asarray(prepared, dtype=np.uint8)[None])
-    record = predict.results(probabilities, [path], data.get_labels(), temperature)[0]
+    prepared = np.asarray(prepared, dtype=np.uint8)  # from gr.State, as it was stored
+    record = predict.results(models.predict(model, prepared[None]), [path], data.get_labels(), temperature)[0]
     top = record.get("calibrated_top", record["top"])
-    shown = Image.fromarray(np.asarray(prepared, dtype=np.uint8)).resize((SHOWN_SIZE, SHOWN_SIZE), Image.NEAREST)
+    shown = Image.fromarray(prepared).resize((SHOWN_SIZE, SHOWN_SIZE), Image.NEAREST)
     label = "calibrated probabilities" if temperature else "probabilities"
     return {c: p for c, p in top}, shown, f"**{record['class']}** ({label} shown). {confidence_line(record)}"
 
