@@ -8,7 +8,7 @@
 Set up with `make app` (requirements-app.txt: Gradio). The page prepares each picture with predict.py's
 own functions, so a picture gets the same answer here as from `python predict.py --json`. It works
 offline: no analytics, no fonts or scripts from other hosts. Uploads live in a temporary folder
-and each is deleted once it is answered; the examples are test-set images (never training images)
+and each is deleted a minute after it is answered; the examples are test-set images (never training images)
 made into catalogue-style photos at start-up.
 """
 
@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import machine
@@ -42,6 +43,7 @@ UNSURE = 0.5  # below this top probability the page says the model is unsure
 SHOWN_SIZE = 224  # pixels: the 28x28 input, scaled up 8x without smoothing
 KEPT = set()  # Gradio's copies of the examples, in UPLOADS too: never deleted
 HINT = "Drop a picture above, paste one, or click an example."
+UPLOAD_SECONDS = 60  # an upload is deleted this long after its answer (the page shows it from the server)
 
 
 def model_choices():
@@ -100,8 +102,10 @@ def classify(path, name):
     except predict.PictureError as e:
         return None, None, f"**This file gives no answer**: it {e}.", None
     finally:
-        if ours:
-            upload.unlink(missing_ok=True)  # uploads are not kept after the answer
+        if ours:  # not kept after the answer; a minute's grace, for the browser to fetch its preview
+            remove = threading.Timer(UPLOAD_SECONDS, upload.unlink, kwargs={"missing_ok": True})
+            remove.daemon = True
+            remove.start()
     return (*answer(prepared, name, path), prepared)
 
 
