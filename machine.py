@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+STARTED = time.monotonic()  # about when the script started (every script imports this module first)
 VERBOSE = "--verbose" in sys.argv[1:] or os.environ.get("FASHION_VERBOSE") == "1"
 BACKENDS = ("tensorflow", "jax")  # the Keras backends the scripts are tested under
 CPU_DEVICES_VARIABLE = "FASHION_CPU_DEVICES"  # N: the CPU as N devices, for testing multi-device code

@@ -131,6 +131,13 @@ class Run:
             models.write_json(self.files["resume_info"], self.info)
         return model
 
+    def describe(self, model):
+        """Print the network's size and cost, and record them in the run's JSON."""
+        params, mflop = model.count_params(), round(models.mflops(model), 1)
+        self.info.update(arch=self.settings.get("arch", "seed"), parameters=params, mflop_per_image=mflop)
+        print(f"Network: {self.info['arch']}, {params:,} parameters, {mflop:g} MFLOP per image forward "
+              f"(about {3 * mflop:.0f} a training image)")
+
     def fit(self, model, stream, steps, validation):
         """Train to the run's last epoch: after each epoch its CSV row, then its checkpoints. Ctrl-C
         stops between steps and exits (130; SIGTERM: 143) with the command that continues the run."""
@@ -215,6 +222,8 @@ class Run:
         if not self.lead:
             return
         name, files, info, epochs = self.args.name, self.files, self.info, self.settings["epochs"]
+        # the wall time of this command, from its start to the record (of the last session, if resumed)
+        info["command_seconds"] = round(time.monotonic() - machine.STARTED, 1)
         distribute.save(model, files["model"], include_optimizer=False)
         if self.args.distribute:
             keras.distribution.set_distribution(None)

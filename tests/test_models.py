@@ -1,6 +1,10 @@
-"""models.py: the original write-up's architecture exactly, and safe saving and loading by name."""
+"""models.py: the original write-up's architecture exactly, the other --arch networks, and safe
+saving and loading by name."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -35,6 +39,41 @@ def test_layers_and_parameters_are_the_seeds(model):
     assert non_trainable == 642
     assert model.output_shape == (None, 10)
     assert model.layers[-1].activation.__name__ == "softmax"
+
+
+# --arch: parameters and forward MFLOP per image, pinned (a change to a network shows here first)
+ARCHITECTURES = {"seed": (3_458_382, 94.3), "small": (293_594, 31.8), "wide": (1_167_786, 126.7)}
+SEED_CONFIG = Path(__file__).parent / "seed_cnn_config.json"  # models.build_cnn().to_json() before --arch
+
+
+def test_every_architecture_is_pinned_and_under_the_parameter_budget():
+    assert set(models.ARCHITECTURES) == set(ARCHITECTURES)
+    for arch, (parameters, mflop) in ARCHITECTURES.items():
+        network = models.build_cnn(arch=arch, compile=False)
+        assert network.count_params() == parameters <= 3_500_000, arch
+        assert round(models.mflops(network), 1) == mflop, arch
+        assert network.input_shape == (None, 28, 28, 1) and network.output_shape == (None, 10)
+        assert network.layers[-1].activation.__name__ == "softmax" and network.layers[-1].dtype_policy.name == "float32"
+        # standard layers only: Keras rebuilds it from its config alone
+        assert keras.models.model_from_json(network.to_json()).count_params() == parameters
+    with pytest.raises(ValueError, match="arch must be one of seed, small, wide"):
+        models.build_cnn(arch="resnet")
+
+
+def test_the_mflop_count_is_the_convolutions_and_dense_layers_multiply_adds():
+    # a 3x3 convolution of 1 to 8 channels over 28x28, then dense 8*28*28 -> 10
+    network = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(8, 3, padding="same"),
+                                keras.layers.Flatten(), keras.layers.Dense(10)])
+    assert models.mflops(network) == pytest.approx(2 * (28 * 28 * 9 * 8 + 8 * 28 * 28 * 10) / 1e6)
+
+
+def test_arch_seed_is_byte_for_byte_the_old_model_config():
+    """The default network and --arch seed: the very config build_cnn gave before --arch existed.
+    In a fresh process each, as the layers' automatic names count the layers made before them."""
+    for call in ("models.build_cnn()", "models.build_cnn(arch='seed')"):
+        config = subprocess.run([sys.executable, "-c", f"import models; print({call}.to_json())"],
+                                cwd=Path(models.__file__).parent, capture_output=True, text=True, check=True).stdout
+        assert config == SEED_CONFIG.read_text(), call
 
 
 @pytest.mark.parametrize("preset, expected", [

@@ -7,11 +7,13 @@ tested in test_runs.py; runs under JAX in test_distribute.py.
 import functools
 import math
 
+import keras
 import numpy as np
 import pytest
 
 import feed
 import machine
+import models
 import train
 from sandbox import TINY, info, run
 
@@ -161,8 +163,46 @@ def test_translation_shifts_each_image_by_its_own_offset_within_the_limit():
     assert np.array_equal(next(one)[0], next(again)[0])  # seeded by (seed, epoch), as the rest of the feed
 
 
+def reference_translate(x, rng, pixels):
+    """feed.translate one image at a time, the plain way: the same offsets drawn, each image padded
+    with zeros and cut back to its size at its own offset."""
+    height, width = x.shape[1:3]
+    down, right = rng.integers(0, 2 * pixels + 1, size=(2, len(x)))
+    out = np.empty_like(x)
+    for i, image in enumerate(x):
+        padded = np.pad(image, ((pixels, pixels), (pixels, pixels)) + ((0, 0),) * (image.ndim - 2))
+        out[i] = padded[down[i]:down[i] + height, right[i]:right[i] + width]
+    return out
+
+
+@pytest.mark.parametrize("pixels, shape", [(1, (300, 28, 28)), (2, (300, 28, 28)), (8, (50, 28, 28)),
+                                           (2, (40, 28, 28, 1))])
+def test_translation_is_exactly_the_per_image_reference_and_seeded(pixels, shape):
+    x = np.random.default_rng(7).integers(0, 256, size=shape, dtype=np.uint8)
+    fast = feed.translate(x, np.random.default_rng(11), pixels)
+    assert np.array_equal(fast, reference_translate(x, np.random.default_rng(11), pixels))
+    assert np.array_equal(fast, feed.translate(x, np.random.default_rng(11), pixels))  # seeded
+    assert not np.array_equal(fast, feed.translate(x, np.random.default_rng(12), pixels))
+
+
 def test_translation_goes_with_online_augmentation_only(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--translate", "2"])  # the original recipe makes fixed copies
     assert "--translate must be 0 to 8 pixels, and goes with --augment online" in capsys.readouterr().err
     assert train.parse_args(["--recipe", "fast", "--translate", "2"])[1]["translate"] == 2
+
+
+@pytest.mark.parametrize("arch", ["seed", "small", "wide"])
+def test_one_epoch_of_each_architecture_trains_saves_and_reloads_in_plain_keras(project, arch, capsys):
+    # 1,700 training images in 10 whole steps of 170, 300 to validate; the quick recipe's other settings
+    run("--recipe", "quick", "--arch", arch, "--epochs", "1", "--limit", "2000", "--batch-size", "170",
+        "--name", arch)
+    record = info(arch)
+    network = keras.models.load_model(project / "models" / f"{arch}.h5")  # Keras alone, no project code
+    assert record["arch"] == arch and record["parameters"] == network.count_params()
+    assert record["mflop_per_image"] == round(models.mflops(network), 1) > 0
+    assert f"Network: {arch}, {record['parameters']:,} parameters, {record['mflop_per_image']:g} MFLOP" \
+        in capsys.readouterr().out
+    assert record["epochs_done"] == 1 and 0 <= record["val_accuracy"] <= 1 and record["command_seconds"] > 0
+    x = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    assert np.allclose(network.predict(x, verbose=0).sum(axis=1), 1, atol=1e-5)
