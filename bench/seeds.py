@@ -21,7 +21,6 @@ Run nothing else on the machine meanwhile: the wall times are the point.
 import argparse
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,9 +86,11 @@ def figures(name, info, x_test, y_test):
             models.scores((plain + mirrored) / 2, y_test)[0], info["command_seconds"] / 60)
 
 
-def row(label, values, resumed=False):
-    cells = [f"{v:10.2%}" for v in values[:3]] + [f"{values[3]:8.1f}" + ("*" if resumed else "")]
-    return f"{label:>14s} " + " ".join(cells)
+WIDTH = 16  # a column: "94.30% ± 0.12%" fits
+
+
+def row(label, cells):
+    return f"{label:>10s} " + " ".join(f"{cell:>{WIDTH}s}" for cell in cells)
 
 
 def ship(best, name, chosen):
@@ -97,9 +98,7 @@ def ship(best, name, chosen):
     source = models.model_path(best)
     target = models.MODELS_DIR / f"{name}.h5"
     for src, dst in ((source, target), (source.with_suffix(".csv"), target.with_suffix(".csv"))):
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        data.atomic_write(dst, lambda f, src=src: f.write(src.read_bytes()))
     info = {**models.read_info(best), "model": name, "copied_from": best,
             "chosen_from": chosen, "chosen_on": "val_accuracy"}
     models.write_json(target.with_suffix(".json"), info)
@@ -137,13 +136,12 @@ def main(argv=None):
     print(f"\n{' '.join(['python', 'bench/seeds.py', *argv])}")
     print(f"Recipe {args.recipe}{' ' + shlex.join(extra) if extra else ''}; {machine.device_name()}; "
           f"{infos[0].get('backend', '?')}, {infos[0].get('dtype_policy', '?')}")
-    print(f"{'seed':>14s} " + " ".join(f"{c:>10s}" for c in COLUMNS))
+    print(row("seed", COLUMNS))
     for seed, values, info in zip(args.seeds, table, infos):
-        print(row(str(seed), values, bool(info.get("resumed_with"))))
+        print(row(str(seed), [f"{v:.2%}" for v in values[:3]] + [f"{values[3]:.1f}" + ("*" if info.get("resumed_with") else "")]))
     if len(table) > 1:
         mean, std = table.mean(axis=0), table.std(axis=0, ddof=1)
-        print(f"{'mean ± std':>14s} " + " ".join(
-            [f"{m:.2%} ± {s:.2%}".rjust(10) for m, s in zip(mean[:3], std[:3])] + [f"{mean[3]:.1f} ± {std[3]:.1f}"]))
+        print(row("mean ± std", [f"{m:.2%} ± {s:.2%}" for m, s in zip(mean[:3], std[:3])] + [f"{mean[3]:.1f} ± {std[3]:.1f}"]))
     if any(info.get("resumed_with") for info in infos):
         print("* resumed: the minutes of its last session only")
     if args.ship:

@@ -46,6 +46,7 @@ def make(folder, scripts=("callbacks.py", "data.py", "distribute.py", "erasing.p
     data.get_data("train"), data.get_data("t10k")
     folder.mkdir(parents=True, exist_ok=True)
     for script in scripts:
+        (folder / script).parent.mkdir(exist_ok=True)
         (folder / script).write_bytes((ROOT / script).read_bytes())
     (folder / "run_train.py").write_text(RUNNER)
     (folder / "data").symlink_to(data.DATA_DIR)
