@@ -82,3 +82,32 @@ def test_nonsense_is_refused_before_any_run(copy, argv, message):
     result = bench(copy, "--recipe", "quick", "--prefix", "refused", *argv)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list((copy / "models").glob("refused*")) if (copy / "models").exists() else True
+
+
+def test_time_to_accuracy_reads_the_runs_records_and_refuses_runs_without_them(tmp_path):
+    folder = sandbox.make(tmp_path / "copy", scripts=SCRIPTS + ("bench/time_to_accuracy.py",))
+    (folder / "models").mkdir()
+    # a run of 4 epochs of 4 minutes each, and one trained on all the data (no validation)
+    for name, accuracy in (("mine", ["0.90", "0.93", "0.95", "0.94"]), ("everything", ["NA"] * 4)):
+        (folder / "models" / f"{name}.h5").write_bytes(b"")
+        (folder / "models" / f"{name}.csv").write_text(
+            "epoch,accuracy,loss,val_accuracy,val_loss\n" + "".join(f"{i},0.9,0.3,{a},0.3\n" for i, a in enumerate(accuracy)))
+        (folder / "models" / f"{name}.json").write_text(json.dumps(
+            {"train_seconds": 960.0, "epochs_done": 4, "device": "CPU: Test, 2 cores", "dtype_policy": "float32",
+             "settings": {"arch": "small"}}))
+
+    def plot(*names):
+        return subprocess.run([sys.executable, "bench/time_to_accuracy.py", *names], cwd=folder, capture_output=True,
+                              text=True, env=sandbox.environment(), timeout=120)
+
+    result = plot("mine")
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.strip().startswith("mine"))
+    # after 5 minutes one epoch (90 %), after 10 two (93 %), after 15 and 20 the best of three (95 %)
+    assert row.split()[1:5] == ["90.00%", "93.00%", "95.00%", "95.00%"] and "12.0 min" in row
+    assert (folder / "screenshots" / "Time_to_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    for names, message in ((["everything"], "everything has no validation split"),
+                           (["nothing"], "nothing has no training record")):
+        refused = plot(*names)
+        assert refused.returncode == 1 and refused.stderr.startswith(f"error: {message}")
+        assert "Traceback" not in refused.stderr
