@@ -86,7 +86,7 @@ def main(argv=None):
     ax.set_ylabel("validation accuracy (9,000 images)")
     ax.set_title("Time to accuracy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     data.atomic_write(args.output, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
