@@ -124,8 +124,12 @@ def neighbours_numpy(x_query, x_train, k, metric, rows=8):
         return select(l2_block(x_query, x_train, train_sq), k)
     blocks = [x_query[i:i + rows] for i in range(0, len(x_query), rows)]
     with ThreadPoolExecutor(os.cpu_count()) as pool:  # NumPy releases the GIL in these loops
-        parts = pool.map(lambda block: select(l1_block(block, x_train), k), blocks)
-        return np.concatenate(list(parts)) if blocks else np.empty((0, k), np.int32)
+        try:
+            parts = list(pool.map(lambda block: select(l1_block(block, x_train), k), blocks))
+        except BaseException:  # Ctrl-C, SIGTERM: the blocks under way end, the queued ones never start
+            pool.shutdown(cancel_futures=True)
+            raise
+        return np.concatenate(parts) if blocks else np.empty((0, k), np.int32)
 
 
 def best_isa():
