@@ -47,11 +47,17 @@ def command(recipe, seed, name, extra):
     return ["--recipe", recipe, "--seed", str(seed), "--name", name, "--overwrite", *extra]
 
 
+def same_run(info, argv):
+    """Whether a run's JSON (or resume state) records this command with the settings it gives today:
+    the same command line under a recipe since changed is another run."""
+    return (info.get("command") == shlex.join(["python", "train.py", *argv])
+            and info.get("settings") == train.parse_args(argv)[1])
+
+
 def recorded(name, argv):
-    """The JSON of a finished run of exactly this command, else None."""
+    """The JSON of a finished run of exactly this command and these settings, else None."""
     info = models.read_info(name)
-    wanted = shlex.join(["python", "train.py", *argv])
-    if info.get("command") == wanted and "command_seconds" in info and models.model_path(name).exists():
+    if same_run(info, argv) and "command_seconds" in info and models.model_path(name).exists():
         return info
     return None
 
@@ -64,7 +70,7 @@ def train_seed(name, argv):
         return info
     files = runs.run_files(name)
     stopped = runs.stopped_at(files)
-    if stopped and json.loads(files["resume_info"].read_text()).get("command") == shlex.join(["python", "train.py", *argv]):
+    if stopped and same_run(json.loads(files["resume_info"].read_text()), argv):
         print(f"{name}: stopped after epoch {stopped[0]}; continuing it", flush=True)
         run_argv = ["--name", name, "--resume"]
     else:

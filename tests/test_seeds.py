@@ -71,6 +71,17 @@ def test_one_run_per_seed_then_mean_and_std_and_the_best_on_validation_shipped(c
     assert "$ python train.py" not in again.stdout and again.stdout.count("finished earlier") == 2
     assert table(again.stdout) == rows
 
+    # The same command under a recipe since changed is another run: seed 1 recorded other settings
+    # (as the quick recipe's 16 epochs before it became 28), so it trains again; seed 2 is read back.
+    path = copy / "models" / "quick_1.json"
+    path.write_text(json.dumps({**infos[0], "settings": {**infos[0]["settings"], "epochs": 16}}))
+    changed = bench(copy, "--recipe", "quick", "--seeds", "1", "2", *TINY_RUN)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert changed.stdout.count("$ python train.py --recipe quick --seed 1 ") == 1
+    assert "$ python train.py --recipe quick --seed 2 " not in changed.stdout
+    assert changed.stdout.count("finished earlier") == 1
+    assert json.loads(path.read_text())["settings"] == infos[0]["settings"]
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "1", "--ship", "refused_1", *TINY_RUN], "--ship needs a name other than the runs' own"),
