@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -5,6 +6,12 @@ import pytest
 
 # The scripts live at the top level, not in a package: make them importable from tests/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The stop tests send Ctrl-C (SIGINT) to scripts run as children. A shell that starts a command in the
+# background (`make test &`, `nohup ... &`) starts it with SIGINT ignored, every child inherits that,
+# and Python then installs no KeyboardInterrupt for it: the script would run to its end. A child
+# of the tests gets SIGINT as a terminal gives it (the default action, reset on exec).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
