@@ -123,13 +123,19 @@ def neighbours_numpy(x_query, x_train, k, metric, rows=8):
         train_sq = (x_train.astype(np.float64) ** 2).sum(axis=1)
         return select(l2_block(x_query, x_train, train_sq), k)
     blocks = [x_query[i:i + rows] for i in range(0, len(x_query), rows)]
-    with ThreadPoolExecutor(os.cpu_count()) as pool:  # NumPy releases the GIL in these loops
+    parts = on_all_cores(lambda block: select(l1_block(block, x_train), k), blocks)  # NumPy releases the GIL
+    return np.concatenate(parts) if blocks else np.empty((0, k), np.int32)
+
+
+def on_all_cores(func, items):
+    """[func(item) for item in items], in one thread per core. On Ctrl-C or SIGTERM the items under way
+    end and the queued ones never start, so a stop takes a block's time, not the rest of the list's."""
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
         try:
-            parts = list(pool.map(lambda block: select(l1_block(block, x_train), k), blocks))
-        except BaseException:  # Ctrl-C, SIGTERM: the blocks under way end, the queued ones never start
+            return list(pool.map(func, items))
+        except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
-        return np.concatenate(parts) if blocks else np.empty((0, k), np.int32)
 
 
 def best_isa():
@@ -325,8 +331,7 @@ def nearest_rows(query_rows, train_rows, k, task_rows=4 * QUERY_ROWS):
     starts = range(0, len(query_rows), task_rows)
     if len(query_rows):
         ready_kernel(query_rows[:task_rows], train_rows, k, out[:task_rows])
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(lambda i: top_k_l1(query_rows[i:i + task_rows], train_rows, k, out[i:i + task_rows]), starts))
+    on_all_cores(lambda i: top_k_l1(query_rows[i:i + task_rows], train_rows, k, out[i:i + task_rows]), starts)
     return out
 
 
