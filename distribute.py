@@ -96,7 +96,7 @@ def join_processes(group, timeout):
     try:
         keras.distribution.initialize()
     except Exception as e:  # JAX raises its own runtime errors, e.g. when the port is taken
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        reason = machine.reason(e, 160)
         where = (f"cannot serve the coordinator on port {port} ({reason}): is another run using it? Choose another "
                  f"port in KERAS_DISTRIBUTION_JOB_ADDRESSES, on every process") if group.process == 0 else \
             f"could not join the run at {host}:{port} ({reason})"

@@ -176,8 +176,7 @@ def main(argv=None):
                 sys.exit(f"error: no space left on the disk in {target.parent} for the {args.format} export of "
                          f"{name} (it needs at least {machine.size_text(size_of(work))}); nothing was written: "
                          f"free some space and run again")
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            sys.exit(f"error: the {args.format} export of {name} failed ({reason[:200]}); nothing was written")
+            sys.exit(f"error: the {args.format} export of {name} failed ({machine.reason(e)}); nothing was written")
         export_seconds = time.perf_counter() - start
         start = time.perf_counter()
         exported = run_export(args.format, new, x)

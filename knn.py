@@ -314,9 +314,9 @@ def ready_kernel(*args):
     except Exception as e:  # pickle, EOF, OS errors: numba passes on whatever the cache file raised
         if top_k_l1.stats.cache_path is None:
             raise  # no cache: a real compile error
+        detail = machine.reason(e, 80) if str(e).strip() else "empty or cut short"
         print(f"warning: the cached k-NN kernel in {top_k_l1.stats.cache_path} could not be used "
-              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:80] or 'empty or cut short'}); "
-              f"compiling it again", file=sys.stderr)  # the first line: a garbled file's bytes may hold newlines
+              f"({type(e).__name__}: {detail}); compiling it again", file=sys.stderr)
     try:
         top_k_l1._cache.flush()  # numba's index of the cache, emptied: the new entry replaces the old
         top_k_l1.compile(signature)

@@ -84,6 +84,14 @@ def size_text(n_bytes):
     return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{max(1, -(-n_bytes // 1000))} kB"  # kB rounded up
 
 
+def reason(error, limit=200):
+    """An error's message for a one-line report: its first non-blank line, cut to `limit` characters,
+    or the error's type where the message is empty. (A garbled file's bytes can end up in the message,
+    newlines and all, so the first line is all a one-line report can carry.)"""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return line[:limit] if line else type(error).__name__
+
+
 def out_of_space(error):
     """Whether an error means the disk (or the user's quota) is full; h5py says so only in its message."""
     text = str(error)

@@ -293,8 +293,7 @@ def load_model(name, compile=False, as_saved=False):
     try:
         model = keras.models.load_model(path, compile=compile)
     except Exception as e:  # Keras raises many types for a file that is not a model
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"{path} is not a readable Keras model ({reason[:200]})") from None
+        raise ModelError(f"{path} is not a readable Keras model ({machine.reason(e)})") from None
     if tuple(model.input_shape[1:]) != INPUT_SHAPE or tuple(model.output_shape[1:]) != (NUM_CLASSES,):
         raise ModelError(f"{path} takes {model.input_shape[1:]} and gives {model.output_shape[1:]}; "
                          f"expected {INPUT_SHAPE} images and {NUM_CLASSES} class probabilities")

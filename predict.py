@@ -141,8 +141,7 @@ def prepare_file(path):
     except NoGarment:
         raise PictureError("no garment found (the picture is one plain colour)") from None
     except Exception as e:  # Pillow raises many types for a file that is not an image it can decode
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PictureError(f"cannot be read as an image ({reason[:200]})") from None
+        raise PictureError(f"cannot be read as an image ({machine.reason(e)})") from None
 
 
 def results(probabilities, paths, class_names, temperature=None, top=DEFAULT_TOP):

@@ -345,7 +345,7 @@ def load_resume_model(files):
     try:
         return keras.models.load_model(files["resume"])
     except Exception as e:  # Keras raises many kinds for a truncated or foreign file
-        sys.exit(f"error: the resume state {files['resume']} is damaged ({str(e).splitlines()[0][:120] or e!r}); "
+        sys.exit(f"error: the resume state {files['resume']} is damaged ({machine.reason(e, 120)}); "
                  f"the best checkpoint so far is {files['best'].name}; start the run again with --overwrite")
 
 

@@ -54,3 +54,18 @@ def test_a_full_disk_anywhere_in_a_script_is_one_line_and_leaves_the_old_file(tm
     assert exit_.value.code == (f"error: no space left on the disk for {target} (it needs at least 1 kB); nothing "
                                 f"half-written is left: free some space and run again")
     assert target.read_text() == '{"temperature": 1.5}\n' and [p.name for p in tmp_path.iterdir()] == ["fast.json"]
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ValueError("bad header\nsecond line"), "bad header"),
+    (OSError("\n\n  \x00\x01 garbled  \nmore"), "\x00\x01 garbled"),  # blank lines first, as in random bytes
+    (EOFError(), "EOFError"),                                       # no message: the type names it
+    (KeyError(""), "''"),
+])
+def test_an_error_reason_is_one_line_of_its_message_or_its_type(error, expected):
+    assert machine.reason(error) == expected
+    assert "\n" not in machine.reason(error)
+
+
+def test_an_error_reason_is_cut_to_its_limit():
+    assert machine.reason(RuntimeError("x" * 500), 120) == "x" * 120
