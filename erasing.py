@@ -182,10 +182,10 @@ def flip_and_erase(x, rng, flip_p=0.5, erase_p=0.5, fill="pixel", placement="pap
     return random_erasing(np.where(flip, x[:, :, ::-1], x), p=erase_p, rng=rng, fill=fill, placement=placement)
 
 
-def augment(x, y, copies=2, rng=None, fill="pixel", placement="paper"):
+def augment(x, y, copies=2, rng=None, erase_p=0.5, fill="pixel", placement="paper"):
     """The original write-up's fixed augmentation: the originals, then `copies` flipped-and-erased
     copies of each (51,000 images and copies=2 give 153,000). rng: a NumPy Generator or a seed.
     """
     rng = np.random.default_rng(rng)
-    x_all = [x] + [flip_and_erase(x, rng, fill=fill, placement=placement) for _ in range(copies)]
+    x_all = [x] + [flip_and_erase(x, rng, erase_p=erase_p, fill=fill, placement=placement) for _ in range(copies)]
     return np.concatenate(x_all), np.concatenate([y] * (copies + 1))

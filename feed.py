@@ -25,8 +25,9 @@ def labels(y, settings):
 
 def erasing_of(settings):
     """Random Erasing's options in a run's settings. A run recorded before erase_placement existed
-    placed its boxes as the paper says."""
-    return dict(fill=settings["erase_fill"], placement=settings.get("erase_placement", "paper"))
+    placed its boxes as the paper says, and one recorded before erase_p erased half the images."""
+    return dict(erase_p=settings.get("erase_p", 0.5), fill=settings["erase_fill"],
+                placement=settings.get("erase_placement", "paper"))
 
 
 def training_images(x, y, settings, seed):

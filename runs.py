@@ -38,6 +38,8 @@ import models  # noqa: E402
 import test  # noqa: E402 (the history plot)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Settings added since the first runs were recorded, and what a run recorded before each existed did.
+ADDED_SETTINGS = {"arch": "seed", "erase_placement": "paper", "translate": 0, "erase_p": 0.5}
 SCRATCH_NAME = "latest"  # the default name; a new run replaces it (a stopped one: see claim)
 SCREENSHOTS_DIR = test.SCREENSHOTS_DIR  # a run's history plot goes to its folder NAME/
 
@@ -386,7 +388,7 @@ def begin(args, settings, files, command, replicas=1):
         models.write_json(files["resume_info"], run_info)  # the run owns its resume state from the start
         return run_info, settings, False
     run_info = read_resume_state(files)
-    settings, args.seed, args.limit = run_info["settings"], run_info["seed"], run_info["limit"]
+    settings, args.seed, args.limit = as_run(run_info["settings"]), run_info["seed"], run_info["limit"]
     args.all_data = run_info.get("all_data", False)
     distribute.check_batch(settings["batch_size"], replicas)
     extended = args.epochs is not None and args.epochs != settings["epochs"]
@@ -394,6 +396,11 @@ def begin(args, settings, files, command, replicas=1):
     run_info.setdefault("resumed_with", []).append(command)
     print(f"Resuming {args.name} after epoch {run_info['epochs_done']} of {settings['epochs']}")
     return run_info, settings, extended
+
+
+def as_run(settings):
+    """A recorded run's settings in today's terms: with each setting added since, as the run had it."""
+    return {**ADDED_SETTINGS, **settings}
 
 
 # ---- The record: figures and JSON ----

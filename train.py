@@ -52,6 +52,7 @@ RECIPES = {
         augment_copies=2,       # flipped-and-erased copies per image (copies only; 0: no augmentation)
         erase_fill="box",       # box: one grey level per erased box; pixel: a value per pixel
         erase_placement="original",  # as the original's eraser: size and place redrawn until the box fits
+        erase_p=0.5,            # the share of the images Random Erasing erases a box of (0: no erasing)
         translate=0,            # online only: each image shifted by up to this many pixels each way; 0: none
         label_smoothing=0.0,    # 0: plain cross-entropy
         weight_decay=0.0,       # decoupled weight decay (AdamW-style); 0: none
@@ -60,14 +61,14 @@ RECIPES = {
     # About an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 5: ~40 s an epoch).
     "fast": dict(arch="seed", epochs=80, batch_size=250, optimizer="adam", lr=2e-3, schedule="cosine", warmup_epochs=1.0,
                  dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", erase_placement="paper",
-                 translate=0, label_smoothing=0.0, weight_decay=0.0, mixed_precision="auto"),
+                 erase_p=0.5, translate=0, label_smoothing=0.0, weight_decay=0.0, mixed_precision="auto"),
     # The levers of the CIFAR-10 speed records, on 28x28 clothes: a small BatchNorm net with no big
     # dense layers, Nesterov SGD at a high rate with a short warm-up then cosine decay, label
     # smoothing, weight decay, random translation beside the flips and erasing. About 13 minutes on
     # 2 CPU cores with bfloat16 (AMD EPYC Zen 4: ~26 s an epoch).
     "quick": dict(arch="small", epochs=28, batch_size=256, optimizer="sgd", lr=0.1, schedule="cosine",
                   warmup_epochs=1.0, dropout="fast", augment="online", augment_copies=0, erase_fill="pixel",
-                  erase_placement="paper", translate=2, label_smoothing=0.1, weight_decay=5e-3,
+                  erase_placement="paper", erase_p=0.5, translate=2, label_smoothing=0.1, weight_decay=5e-3,
                   mixed_precision="auto"),
 }
 CHOICES = {"arch": tuple(models.ARCHITECTURES), "optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"), "dropout": tuple(models.DROPOUT_PRESETS),
@@ -84,6 +85,7 @@ HELP = {
     "erase_placement": "Random Erasing box: as the paper (size redrawn, then a place that fits), or as the "
                        "original write-up's eraser (size and place redrawn together until it fits: fewer large "
                        "boxes)",
+    "erase_p": "the share of the images Random Erasing erases a box of (0: none)",
     "translate": "random translation, online only: each image shifted by up to this many pixels, zero-padded",
     "label_smoothing": "label smoothing", "weight_decay": "decoupled weight decay",
     "mixed_precision": "bfloat16 on CPUs, float16 on GPUs",
@@ -141,6 +143,8 @@ def check_settings(settings, args):
         return "--lr must be above 0, --warmup-epochs and --weight-decay at least 0"
     if not 0 <= settings["translate"] <= 8 or settings["translate"] and settings["augment"] != "online":
         return "--translate must be 0 to 8 pixels, and goes with --augment online"
+    if not 0 <= settings["erase_p"] <= 1:
+        return "--erase-p must be between 0 and 1"
     if not 0 <= settings["label_smoothing"] < 1:
         return "--label-smoothing must be at least 0 and below 1"
     if args.minutes is not None and (args.epochs is not None or args.resume or args.minutes <= 0):

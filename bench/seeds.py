@@ -51,7 +51,8 @@ def same_run(info, argv):
     """Whether a run's JSON (or resume state) records this command with the settings it gives today:
     the same command line under a recipe since changed is another run."""
     return (info.get("command") == shlex.join(["python", "train.py", *argv])
-            and info.get("settings") == train.parse_args(argv)[1])
+            and isinstance(info.get("settings"), dict)
+            and runs.as_run(info["settings"]) == train.parse_args(argv)[1])
 
 
 def recorded(name, argv):

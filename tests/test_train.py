@@ -14,6 +14,7 @@ import pytest
 import feed
 import machine
 import models
+import runs
 import train
 from sandbox import TINY, info, run
 
@@ -29,12 +30,25 @@ def test_flags_override_the_recipe_and_the_rest_comes_from_it():
     assert settings["erase_placement"] == "original" and train.RECIPES["fast"]["erase_placement"] == "paper"
 
 
-def test_a_run_recorded_before_erase_placement_existed_keeps_the_papers_placement():
-    """Such runs (full_1 and full_2 among them) placed their boxes as the paper says; their
-    --resume must go on doing so."""
-    recorded = {key: value for key, value in train.RECIPES["original"].items() if key != "erase_placement"}
-    assert feed.erasing_of(recorded) == {"fill": "box", "placement": "paper"}
-    assert feed.erasing_of(train.RECIPES["original"]) == {"fill": "box", "placement": "original"}
+def test_a_run_recorded_before_a_setting_existed_goes_on_as_it_ran():
+    """Such runs (full_1 and full_2 among them) lack the settings added since. They placed their
+    boxes as the paper says, erased half the images, shifted none, and used the seed's network;
+    their --resume (and the seeds benchmark's check) must take them so."""
+    recorded = {key: value for key, value in train.RECIPES["original"].items() if key not in runs.ADDED_SETTINGS}
+    assert feed.erasing_of(recorded) == {"erase_p": 0.5, "fill": "box", "placement": "paper"}
+    assert feed.erasing_of(train.RECIPES["original"]) == {"erase_p": 0.5, "fill": "box", "placement": "original"}
+    assert runs.as_run(recorded) == {**recorded, "arch": "seed", "erase_placement": "paper", "translate": 0,
+                                     "erase_p": 0.5}
+    assert set(runs.as_run(recorded)) == set(train.RECIPES["original"])
+    assert runs.as_run(train.RECIPES["quick"]) == train.RECIPES["quick"]  # a setting it has is its own
+
+
+@pytest.mark.parametrize("erase_p, erased", [(0.0, 0), (1.0, 64)])
+def test_erase_p_sets_the_share_of_images_erased(erase_p, erased):
+    x = np.full((64, 28, 28), 200, np.uint8)  # no garment is its own mirror image but a flat one
+    settings = {**train.RECIPES["quick"], "translate": 0, "erase_p": erase_p, "batch_size": 64}
+    images, _ = next(feed.batches(x, np.zeros(64, int), settings, seed=1, first_epoch=0))
+    assert int((images != images[:, :1, :1]).any(axis=(1, 2, 3)).sum()) == erased
 
 
 def test_every_setting_has_a_flag_with_its_defaults_in_the_help(capsys):
