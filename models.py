@@ -53,18 +53,19 @@ class ModelError(Exception):
 
 
 def build_cnn(dropout="full_1", optimizer="adam", learning_rate=1e-3, momentum=0.9,
-              label_smoothing=0.0, weight_decay=None, compile=True, arch="seed"):
+              label_smoothing=0.0, weight_decay=None, compile=True, arch="seed", decay_batchnorm=True):
     """A CNN of ARCHITECTURES (default: the seed's), compiled with the given optimizer and loss.
 
     dropout: a preset name from DROPOUT_PRESETS or four rates (the seed architecture only).
     optimizer: "adam" or "sgd" (with Nesterov momentum), or a keras optimizer instance;
     learning_rate may be a float or a keras LearningRateSchedule.
+    decay_batchnorm: False keeps BatchNorm's scale and offset out of the weight decay.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}")
     model = ARCHITECTURES[arch](dropout) if arch == "seed" else ARCHITECTURES[arch]()
     if compile:
-        compile_model(model, optimizer, learning_rate, momentum, label_smoothing, weight_decay)
+        compile_model(model, optimizer, learning_rate, momentum, label_smoothing, weight_decay, decay_batchnorm)
     return model
 
 
@@ -130,8 +131,10 @@ ARCHITECTURES = {
 
 
 def compile_model(model, optimizer="adam", learning_rate=1e-3, momentum=0.9, label_smoothing=0.0,
-                  weight_decay=None):
-    """Compile with Adam or Nesterov SGD and cross-entropy (with label smoothing: on one-hot labels)."""
+                  weight_decay=None, decay_batchnorm=True):
+    """Compile with Adam or Nesterov SGD and cross-entropy (with label smoothing: on one-hot labels).
+    With weight decay and decay_batchnorm False, BatchNorm's scale and offset are not decayed (the
+    next BatchNorm undoes a convolution's scale, but not the last one's before the pooling)."""
     if isinstance(optimizer, str):
         if optimizer == "adam":
             optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
@@ -140,6 +143,10 @@ def compile_model(model, optimizer="adam", learning_rate=1e-3, momentum=0.9, lab
                                              weight_decay=weight_decay)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
+        if weight_decay and not decay_batchnorm:  # Keras can only be told before the optimizer is built
+            optimizer.exclude_from_weight_decay(var_list=[
+                variable for layer in model.layers if isinstance(layer, layers.BatchNormalization)
+                for variable in layer.trainable_weights])
     # Integer labels 0-9; label smoothing needs one-hot labels (train.py makes them) and the
     # categorical form of the loss. Both are Keras's own, so plain load_model opens the file.
     if label_smoothing:

@@ -3,7 +3,7 @@ question, the resume state and its checks, the checkpoints after every epoch, Ct
 JSON record at the end. train.py drives it through a Run:
 
     run = runs.Run(args, settings, command)   # claims NAME, joins the other processes, starts the record
-    model = run.model(build, schedule, steps)  # a new model, or the stopped run's
+    model = run.model(build, steps)            # a new model, or the stopped run's
     run.fit(model, stream, steps, validation)  # epoch after epoch, checkpointed; Ctrl-C stops between steps
     run.record(model, x_val, y_val, x_test, y_test)
 
@@ -39,7 +39,8 @@ import test  # noqa: E402 (the history plot)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Settings added since the first runs were recorded, and what a run recorded before each existed did.
-ADDED_SETTINGS = {"arch": "seed", "erase_placement": "paper", "translate": 0, "erase_p": 0.5}
+ADDED_SETTINGS = {"arch": "seed", "erase_placement": "paper", "translate": 0, "erase_p": 0.5,
+                  "decay_batchnorm": True}
 SCRATCH_NAME = "latest"  # the default name; a new run replaces it (a stopped one: see claim)
 SCREENSHOTS_DIR = test.SCREENSHOTS_DIR  # a run's history plot goes to its folder NAME/
 
@@ -101,23 +102,21 @@ class Run:
               f"{epochs} epochs fit in {minutes:g} minutes (the same run again: --epochs {epochs})")
         keras.utils.set_random_seed(self.args.seed)  # the run draws what it would have drawn without the probe
 
-    def model(self, build, schedule, steps):
-        """The model to train, the same in every process: build() in the run's scope, or the stopped
-        run's, weights and optimizer state. A cosine run made longer by --epochs gets schedule(), over
-        the new length (else its learning rate would sit at 0 after the old end)."""
+    def model(self, build, steps):
+        """The model to train, the same in every process: build() in the run's scope, and on a resume
+        with the stopped run's weights and optimizer state. Built anew, not loaded whole, so that what
+        a saved optimizer does not keep holds: the schedule over the run's epochs (a cosine run made
+        longer by --epochs would otherwise sit at a learning rate of 0 after the old end), and which
+        variables are kept out of the weight decay."""
         rebuilt = self.extended and self.settings["schedule"] == "cosine"
-        if not self.first_epoch:
-            with self.scope():
-                model = build()
-        elif not self.args.distribute:
-            model = load_resume_model(self.files)
-            if rebuilt:
-                model.optimizer.learning_rate = schedule()
-        else:  # every process builds the model in the scope and takes process 0's state
-            def build_in_scope():
-                with self.scope():
-                    return build()  # the schedule over the run's epochs
 
+        def build_in_scope():
+            with self.scope():
+                return build()
+
+        if not self.first_epoch:
+            model = build_in_scope()
+        else:  # process 0 loads the stopped run's state, and every process takes it
             model = distribute.resume_everywhere(build_in_scope, lambda: load_resume_model(self.files), self.lead,
                                                  self.files and self.files["resume"])
         if self.first_epoch:

@@ -56,12 +56,13 @@ RECIPES = {
         translate=0,            # online only: each image shifted by up to this many pixels each way; 0: none
         label_smoothing=0.0,    # 0: plain cross-entropy
         weight_decay=0.0,       # decoupled weight decay (AdamW-style); 0: none
+        decay_batchnorm=True,   # the weight decay on BatchNorm's scale and offset too, as Keras does
         mixed_precision=False,  # bfloat16 on CPUs, float16 on GPUs; "auto": where the hardware has it
     ),
     # About an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 5: ~40 s an epoch).
     "fast": dict(arch="seed", epochs=80, batch_size=250, optimizer="adam", lr=2e-3, schedule="cosine", warmup_epochs=1.0,
                  dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", erase_placement="paper",
-                 erase_p=0.5, translate=0, label_smoothing=0.0, weight_decay=0.0, mixed_precision="auto"),
+                 erase_p=0.5, translate=0, label_smoothing=0.0, weight_decay=0.0, decay_batchnorm=True, mixed_precision="auto"),
     # The levers of the CIFAR-10 speed records, on 28x28 clothes: a small BatchNorm net with no big
     # dense layers, Nesterov SGD at a high rate with a short warm-up then cosine decay, label
     # smoothing, weight decay, random translation beside the flips and erasing. About 13 minutes on
@@ -69,7 +70,7 @@ RECIPES = {
     "quick": dict(arch="small", epochs=28, batch_size=256, optimizer="sgd", lr=0.1, schedule="cosine",
                   warmup_epochs=1.0, dropout="fast", augment="online", augment_copies=0, erase_fill="pixel",
                   erase_placement="paper", erase_p=0.5, translate=2, label_smoothing=0.1, weight_decay=5e-3,
-                  mixed_precision="auto"),
+                  decay_batchnorm=True, mixed_precision="auto"),
 }
 CHOICES = {"arch": tuple(models.ARCHITECTURES), "optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"), "dropout": tuple(models.DROPOUT_PRESETS),
            "augment": ("copies", "online"), "erase_fill": erasing.FILLS, "erase_placement": erasing.PLACEMENTS}
@@ -88,6 +89,8 @@ HELP = {
     "erase_p": "the share of the images Random Erasing erases a box of (0: none)",
     "translate": "random translation, online only: each image shifted by up to this many pixels, zero-padded",
     "label_smoothing": "label smoothing", "weight_decay": "decoupled weight decay",
+    "decay_batchnorm": "weight decay on BatchNorm's scale and offset too (--no-decay-batchnorm: on the "
+                       "convolution and dense weights only)",
     "mixed_precision": "bfloat16 on CPUs, float16 on GPUs",
 }
 SEED = 1
@@ -172,7 +175,7 @@ def learning_rate(settings, steps_per_epoch):
 def build_model(settings, steps_per_epoch):
     return models.build_cnn(settings["dropout"], settings["optimizer"], learning_rate(settings, steps_per_epoch),
                             label_smoothing=settings["label_smoothing"], weight_decay=settings["weight_decay"] or None,
-                            arch=settings.get("arch", "seed"))  # a run recorded before --arch: the seed's
+                            arch=settings["arch"], decay_batchnorm=settings["decay_batchnorm"])
 
 
 def load_split(args):
@@ -210,7 +213,7 @@ def main(argv=None):
     build = lambda: build_model(settings, steps)  # noqa: E731
     if args.minutes:
         run.fit_to_minutes(args.minutes, build, x_train, len(x_images), len(x_val), len(x_test))
-    model = run.model(build, lambda: learning_rate(settings, steps), steps)
+    model = run.model(build, steps)
     run.describe(model)
 
     # 5. Fit: checkpointed after every epoch; Ctrl-C stops between steps.

@@ -191,3 +191,19 @@ def test_the_shipped_mixed_precision_model_computes_in_float32_unless_asked_as_s
     x_test, y_test = data.load_data("t10k")
     accuracy, _ = models.scores(models.predict(model, x_test), y_test)
     assert round(accuracy, 4) == 0.9483 == models.read_info("best")["test_accuracy"]
+
+
+@pytest.mark.parametrize("decay_batchnorm", [True, False])
+def test_decay_batchnorm_says_whether_batchnorm_scales_decay(decay_batchnorm):
+    model = models.build_cnn(optimizer="sgd", learning_rate=0.1, weight_decay=0.5, arch="small",
+                             decay_batchnorm=decay_batchnorm)
+    kernels = [layer.kernel for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    scales = [layer.gamma for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    before = [np.array(v) for v in kernels + scales]
+    # No gradient: what moves is the decay alone (each variable shrinks by lr x decay = 5 %).
+    model.optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in model.trainable_variables])
+    after = [np.array(v) for v in kernels + scales]
+    for old, new in zip(before[:len(kernels)], after[:len(kernels)]):
+        assert np.allclose(new, 0.95 * old)
+    for old, new in zip(before[len(kernels):], after[len(kernels):]):
+        assert np.allclose(new, 0.95 * old if decay_batchnorm else old)

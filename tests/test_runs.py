@@ -180,6 +180,18 @@ def test_extending_a_cosine_run_rebuilds_its_schedule(project, capsys):
     assert all(rate > 0 for rate in rates[:-1]) and rates[3] == pytest.approx(2e-3)
 
 
+def test_a_resumed_run_keeps_batchnorm_out_of_the_weight_decay_as_the_unbroken_run(project):
+    """A saved optimizer does not keep which variables are out of the decay: a resume builds the
+    model from the run's settings and takes the state, so both halves decay as one run would."""
+    quick = ["--recipe", "quick", "--no-decay-batchnorm", "--weight-decay", "0.5"]
+    run(*quick, "--epochs", "2", "--limit", "60", "--batch-size", "17", "--name", "whole")
+    run(*quick, "--epochs", "1", "--limit", "60", "--batch-size", "17", "--name", "split")
+    run("--resume", "--epochs", "2", "--name", "split")
+    for a, b in zip(weights(project / "models" / "whole.h5"), weights(project / "models" / "split.h5")):
+        assert np.array_equal(a, b)
+    assert info("split")["settings"]["decay_batchnorm"] is False
+
+
 def test_no_callback_of_train_py_waits_for_each_steps_loss():
     """Keras runs batch-end hooks in a thread under JAX only when no callback defines one of its own;
     one that does makes every step wait for the last step's loss (a GPU idles between steps)."""
