@@ -135,7 +135,7 @@ class Run:
     def describe(self, model):
         """Print the network's size and cost, and record them in the run's JSON."""
         params, mflop = model.count_params(), round(models.mflops(model), 1)
-        self.info.update(arch=self.settings.get("arch", "seed"), parameters=params, mflop_per_image=mflop)
+        self.info.update(arch=self.settings["arch"], parameters=params, mflop_per_image=mflop)
         print(f"Network: {self.info['arch']}, {params:,} parameters, {mflop:g} MFLOP per image forward "
               f"(about {3 * mflop:.0f} a training image)")
 

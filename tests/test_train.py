@@ -33,8 +33,7 @@ def test_flags_override_the_recipe_and_the_rest_comes_from_it():
 def test_a_run_recorded_before_a_setting_existed_goes_on_as_it_ran():
     """Such runs (full_1 and full_2 among them) lack the settings added since. They placed their
     boxes as the paper says, erased half the images, shifted none, used the seed's network and
-    decayed every variable;
-    their --resume (and the seeds benchmark's check) must take them so."""
+    decayed every variable; their --resume (and the seeds benchmark's check) must take them so."""
     recorded = {key: value for key, value in train.RECIPES["original"].items() if key not in runs.ADDED_SETTINGS}
     assert feed.erasing_of(recorded) == {"erase_p": 0.5, "fill": "box", "placement": "paper"}
     assert feed.erasing_of(train.RECIPES["original"]) == {"erase_p": 0.5, "fill": "box", "placement": "original"}
