@@ -24,10 +24,9 @@ def labels(y, settings):
 
 
 def erasing_of(settings):
-    """Random Erasing's options in a run's settings. A run recorded before erase_placement existed
-    placed its boxes as the paper says, and one recorded before erase_p erased half the images."""
-    return dict(erase_p=settings.get("erase_p", 0.5), fill=settings["erase_fill"],
-                placement=settings.get("erase_placement", "paper"))
+    """Random Erasing's options in a run's settings (complete ones: a recorded run's pass through
+    runs.as_run first)."""
+    return dict(erase_p=settings["erase_p"], fill=settings["erase_fill"], placement=settings["erase_placement"])
 
 
 def training_images(x, y, settings, seed):
@@ -82,7 +81,7 @@ def batches(x, y, settings, seed, first_epoch, replicas=1, process=0, processes=
     """
     positions, sizes = feed_plan(len(x), settings["batch_size"], replicas, process, processes)
     online, erase = settings["augment"] == "online", erasing_of(settings)
-    shift = settings.get("translate", 0)  # a run recorded before translation existed: none
+    shift = settings["translate"]
     for epoch in itertools.count(first_epoch):
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(x))

@@ -126,6 +126,7 @@ def block_cnn(widths, name):
 ARCHITECTURES = {
     "seed": seed_cnn,                                              # 3,458,382 parameters, 94 MFLOP
     "small": lambda: block_cnn((32, 64, 128), "fashion_small"),    # 293,594 parameters, 31.8 MFLOP
+    "mid": lambda: block_cnn((48, 96, 192), "fashion_mid"),        # 658,114 parameters, 71.3 MFLOP
     "wide": lambda: block_cnn((64, 128, 256), "fashion_wide"),     # 1,167,786 parameters, 126.7 MFLOP
 }
 

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
+import runs  # noqa: E402
 
 WRITEUP = 0.9474  # the write-up's test accuracy
 MARKS = (5, 10, 15, 20)  # minutes
@@ -48,9 +49,9 @@ def curve(name):
 
 
 def label(name, info):
-    settings = info.get("settings", {})
+    settings = runs.as_run(info.get("settings", {}))
     precision = "bfloat16" if "bfloat16" in str(info.get("dtype_policy")) else "float32"
-    return (f"{name}: {settings.get('arch', 'seed')}, {info.get('epochs_done')} epochs; "
+    return (f"{name}: {settings['arch']}, {info.get('epochs_done')} epochs; "
             f"{info.get('device', '?').removeprefix('CPU: ')}, {precision}")
 
 

@@ -42,7 +42,7 @@ def test_layers_and_parameters_are_the_seeds(model):
 
 
 # --arch: parameters and forward MFLOP per image, pinned (a change to a network shows here first)
-ARCHITECTURES = {"seed": (3_458_382, 94.3), "small": (293_594, 31.8), "wide": (1_167_786, 126.7)}
+ARCHITECTURES = {"seed": (3_458_382, 94.3), "small": (293_594, 31.8), "mid": (658_114, 71.3), "wide": (1_167_786, 126.7)}
 SEED_CONFIG = Path(__file__).parent / "seed_cnn_config.json"  # models.build_cnn().to_json() before --arch
 
 
@@ -56,7 +56,7 @@ def test_every_architecture_is_pinned_and_under_the_parameter_budget():
         assert network.layers[-1].activation.__name__ == "softmax" and network.layers[-1].dtype_policy.name == "float32"
         # standard layers only: Keras rebuilds it from its config alone
         assert keras.models.model_from_json(network.to_json()).count_params() == parameters
-    with pytest.raises(ValueError, match="arch must be one of seed, small, wide"):
+    with pytest.raises(ValueError, match="arch must be one of seed, small, mid, wide"):
         models.build_cnn(arch="resnet")
 
 

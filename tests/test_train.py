@@ -35,7 +35,7 @@ def test_a_run_recorded_before_a_setting_existed_goes_on_as_it_ran():
     boxes as the paper says, erased half the images, shifted none, used the seed's network and
     decayed every variable; their --resume (and the seeds benchmark's check) must take them so."""
     recorded = {key: value for key, value in train.RECIPES["original"].items() if key not in runs.ADDED_SETTINGS}
-    assert feed.erasing_of(recorded) == {"erase_p": 0.5, "fill": "box", "placement": "paper"}
+    assert feed.erasing_of(runs.as_run(recorded)) == {"erase_p": 0.5, "fill": "box", "placement": "paper"}
     assert feed.erasing_of(train.RECIPES["original"]) == {"erase_p": 0.5, "fill": "box", "placement": "original"}
     assert runs.as_run(recorded) == {**recorded, "arch": "seed", "erase_placement": "paper", "translate": 0,
                                      "erase_p": 0.5, "decay_batchnorm": True}
