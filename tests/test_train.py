@@ -207,7 +207,7 @@ def test_translation_goes_with_online_augmentation_only(capsys):
     assert train.parse_args(["--recipe", "fast", "--translate", "2"])[1]["translate"] == 2
 
 
-@pytest.mark.parametrize("arch", ["seed", "small", "wide"])
+@pytest.mark.parametrize("arch", list(models.ARCHITECTURES))
 def test_one_epoch_of_each_architecture_trains_saves_and_reloads_in_plain_keras(project, arch, capsys):
     # 1,700 training images in 10 whole steps of 170, 300 to validate; the quick recipe's other settings
     run("--recipe", "quick", "--arch", arch, "--epochs", "1", "--limit", "2000", "--batch-size", "170",
