@@ -53,19 +53,22 @@ class ModelError(Exception):
 
 
 def build_cnn(dropout="full_1", optimizer="adam", learning_rate=1e-3, momentum=0.9,
-              label_smoothing=0.0, weight_decay=None, compile=True, arch="seed", decay_batchnorm=True):
+              label_smoothing=0.0, weight_decay=None, compile=True, arch="seed", decay_batchnorm=True,
+              ema=0.0, ema_every=None):
     """A CNN of ARCHITECTURES (default: the seed's), compiled with the given optimizer and loss.
 
     dropout: a preset name from DROPOUT_PRESETS or four rates (the seed architecture only).
     optimizer: "adam" or "sgd" (with Nesterov momentum), or a keras optimizer instance;
     learning_rate may be a float or a keras LearningRateSchedule.
     decay_batchnorm: False keeps BatchNorm's scale and offset out of the weight decay.
+    ema, ema_every: see compile_model.
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, not {arch!r}")
     model = ARCHITECTURES[arch](dropout) if arch == "seed" else ARCHITECTURES[arch]()
     if compile:
-        compile_model(model, optimizer, learning_rate, momentum, label_smoothing, weight_decay, decay_batchnorm)
+        compile_model(model, optimizer, learning_rate, momentum, label_smoothing, weight_decay, decay_batchnorm,
+                      ema, ema_every)
     return model
 
 
@@ -132,16 +135,21 @@ ARCHITECTURES = {
 
 
 def compile_model(model, optimizer="adam", learning_rate=1e-3, momentum=0.9, label_smoothing=0.0,
-                  weight_decay=None, decay_batchnorm=True):
+                  weight_decay=None, decay_batchnorm=True, ema=0.0, ema_every=None):
     """Compile with Adam or Nesterov SGD and cross-entropy (with label smoothing: on one-hot labels).
     With weight decay and decay_batchnorm False, BatchNorm's scale and offset are not decayed (the
-    next BatchNorm undoes a convolution's scale, but not the last one's before the pooling)."""
+    next BatchNorm undoes a convolution's scale, but not the last one's before the pooling).
+    ema above 0: the optimizer keeps an exponential moving average of the trainable weights (each
+    step average = ema * average + (1 - ema) * weights) and copies it into the model every
+    `ema_every` steps, so that the model validated and saved at an epoch's end is the average
+    (Keras's own use_ema; with ema_every None the average is kept and never copied)."""
     if isinstance(optimizer, str):
+        averaging = dict(use_ema=True, ema_momentum=ema, ema_overwrite_frequency=ema_every) if ema else {}
         if optimizer == "adam":
-            optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay)
+            optimizer = keras.optimizers.Adam(learning_rate, weight_decay=weight_decay, **averaging)
         elif optimizer == "sgd":
             optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=True,
-                                             weight_decay=weight_decay)
+                                             weight_decay=weight_decay, **averaging)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
         if weight_decay and not decay_batchnorm:  # Keras can only be told before the optimizer is built

@@ -40,7 +40,7 @@ import test  # noqa: E402 (the history plot)
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Settings added since the first runs were recorded, and what a run recorded before each existed did.
 ADDED_SETTINGS = {"arch": "seed", "erase_placement": "paper", "translate": 0, "erase_p": 0.5,
-                  "decay_batchnorm": True}
+                  "decay_batchnorm": True, "ema": 0.0}
 SCRATCH_NAME = "latest"  # the default name; a new run replaces it (a stopped one: see claim)
 SCREENSHOTS_DIR = test.SCREENSHOTS_DIR  # a run's history plot goes to its folder NAME/
 

@@ -57,12 +57,14 @@ RECIPES = {
         label_smoothing=0.0,    # 0: plain cross-entropy
         weight_decay=0.0,       # decoupled weight decay (AdamW-style); 0: none
         decay_batchnorm=True,   # the weight decay on BatchNorm's scale and offset too, as Keras does
+        ema=0.0,                # momentum of the weights' moving average, copied in after every epoch; 0: none
         mixed_precision=False,  # bfloat16 on CPUs, float16 on GPUs; "auto": where the hardware has it
     ),
     # About an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 5: ~40 s an epoch).
     "fast": dict(arch="seed", epochs=80, batch_size=250, optimizer="adam", lr=2e-3, schedule="cosine", warmup_epochs=1.0,
                  dropout="fast", augment="online", augment_copies=0, erase_fill="pixel", erase_placement="paper",
-                 erase_p=0.5, translate=0, label_smoothing=0.0, weight_decay=0.0, decay_batchnorm=True, mixed_precision="auto"),
+                 erase_p=0.5, translate=0, label_smoothing=0.0, weight_decay=0.0, decay_batchnorm=True, ema=0.0,
+                 mixed_precision="auto"),
     # The levers of the CIFAR-10 speed records, on 28x28 clothes: a small BatchNorm net with no big
     # dense layers, Nesterov SGD at a high rate with a short warm-up then cosine decay, label
     # smoothing, weight decay, random translation beside the flips; no Random Erasing (in 28 epochs
@@ -71,7 +73,7 @@ RECIPES = {
     "quick": dict(arch="small", epochs=28, batch_size=256, optimizer="sgd", lr=0.1, schedule="cosine",
                   warmup_epochs=1.0, dropout="fast", augment="online", augment_copies=0, erase_fill="pixel",
                   erase_placement="paper", erase_p=0.0, translate=2, label_smoothing=0.1, weight_decay=5e-3,
-                  decay_batchnorm=True, mixed_precision="auto"),
+                  decay_batchnorm=True, ema=0.0, mixed_precision="auto"),
 }
 # The quick recipe with a network 1.5x as wide (`mid`: 2.2x the parameters and the FLOPs)
 # and 32 epochs: about 31 minutes on 2 CPU cores with bfloat16 (AMD EPYC Zen 4: 55-64 s an epoch).
@@ -97,6 +99,8 @@ HELP = {
     "label_smoothing": "label smoothing", "weight_decay": "decoupled weight decay",
     "decay_batchnorm": "weight decay on BatchNorm's scale and offset too (--no-decay-batchnorm: on the "
                        "convolution and dense weights only)",
+    "ema": "keep an exponential moving average of the weights with this momentum (0.99: over about 100 "
+           "steps), and make it the model's weights at the end of every epoch (0: none)",
     "mixed_precision": "bfloat16 on CPUs, float16 on GPUs",
 }
 SEED = 1
@@ -156,6 +160,8 @@ def check_settings(settings, args):
         return "--erase-p must be between 0 and 1"
     if not 0 <= settings["label_smoothing"] < 1:
         return "--label-smoothing must be at least 0 and below 1"
+    if not 0 <= settings["ema"] < 1:
+        return "--ema must be at least 0 and below 1 (0.99 averages over about 100 steps)"
     if args.minutes is not None and (args.epochs is not None or args.resume or args.minutes <= 0):
         return "--minutes must be above 0, and goes without --epochs and --resume"
     if args.limit is not None and not 20 <= args.limit <= 60000:
@@ -181,7 +187,8 @@ def learning_rate(settings, steps_per_epoch):
 def build_model(settings, steps_per_epoch):
     return models.build_cnn(settings["dropout"], settings["optimizer"], learning_rate(settings, steps_per_epoch),
                             label_smoothing=settings["label_smoothing"], weight_decay=settings["weight_decay"] or None,
-                            arch=settings["arch"], decay_batchnorm=settings["decay_batchnorm"])
+                            arch=settings["arch"], decay_batchnorm=settings["decay_batchnorm"],
+                            ema=settings["ema"], ema_every=steps_per_epoch)
 
 
 def load_split(args):

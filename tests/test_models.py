@@ -193,6 +193,25 @@ def test_the_shipped_mixed_precision_model_computes_in_float32_unless_asked_as_s
     assert round(accuracy, 4) == 0.9483 == models.read_info("best")["test_accuracy"]
 
 
+def test_ema_makes_the_average_of_the_weights_the_model_every_n_steps():
+    model = models.build_cnn(optimizer="sgd", learning_rate=0.1, weight_decay=0.5, arch="small", ema=0.5, ema_every=3)
+    variables = model.trainable_variables
+    start = [np.array(v) for v in variables]
+    averages = []
+    # No gradient: each step the decay alone moves the weights, w -> 0.95 w; the average after
+    # step 1 is w1, then 0.5 * average + 0.5 * w.
+    for step in range(1, 4):
+        model.optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in variables])
+        raw = [0.95 ** step * w for w in start]
+        averages = raw if step == 1 else [0.5 * a + 0.5 * w for a, w in zip(averages, raw)]
+        now = [np.array(v) for v in variables]
+        expected = averages if step == 3 else raw  # step 3 copies the average into the model
+        assert all(np.allclose(a, b, rtol=1e-5) for a, b in zip(now, expected))
+    assert not np.allclose(averages[0], 0.95 ** 3 * start[0])  # the copy changed the weights
+    saved = keras.optimizers.deserialize(keras.optimizers.serialize(model.optimizer))  # a plain Keras optimizer
+    assert (saved.use_ema, saved.ema_momentum, saved.ema_overwrite_frequency) == (True, 0.5, 3)
+
+
 @pytest.mark.parametrize("decay_batchnorm", [True, False])
 def test_decay_batchnorm_says_whether_batchnorm_scales_decay(decay_batchnorm):
     model = models.build_cnn(optimizer="sgd", learning_rate=0.1, weight_decay=0.5, arch="small",

@@ -192,6 +192,18 @@ def test_a_resumed_run_keeps_batchnorm_out_of_the_weight_decay_as_the_unbroken_r
     assert info("split")["settings"]["decay_batchnorm"] is False
 
 
+def test_a_resumed_run_keeps_the_weights_average_as_the_unbroken_run(project):
+    """The moving average is optimizer state: a resume takes it back, or the first epoch after the
+    resume would average from zeros."""
+    quick = ["--recipe", "quick", "--ema", "0.9", "--limit", "60", "--batch-size", "17"]
+    run(*quick, "--epochs", "2", "--name", "whole")
+    run(*quick, "--epochs", "1", "--name", "split")
+    run("--resume", "--epochs", "2", "--name", "split")
+    for a, b in zip(weights(project / "models" / "whole.h5"), weights(project / "models" / "split.h5")):
+        assert np.array_equal(a, b)
+    assert info("split")["settings"]["ema"] == 0.9
+
+
 def test_no_callback_of_train_py_waits_for_each_steps_loss():
     """Keras runs batch-end hooks in a thread under JAX only when no callback defines one of its own;
     one that does makes every step wait for the last step's loss (a GPU idles between steps)."""

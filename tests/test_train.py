@@ -33,12 +33,12 @@ def test_flags_override_the_recipe_and_the_rest_comes_from_it():
 def test_a_run_recorded_before_a_setting_existed_goes_on_as_it_ran():
     """Such runs (full_1 and full_2 among them) lack the settings added since. They placed their
     boxes as the paper says, erased half the images, shifted none, used the seed's network and
-    decayed every variable; their --resume (and the seeds benchmark's check) must take them so."""
+    decayed every variable, and averaged no weights; their --resume (and the seeds benchmark's check) must take them so."""
     recorded = {key: value for key, value in train.RECIPES["original"].items() if key not in runs.ADDED_SETTINGS}
     assert feed.erasing_of(runs.as_run(recorded)) == {"erase_p": 0.5, "fill": "box", "placement": "paper"}
     assert feed.erasing_of(train.RECIPES["original"]) == {"erase_p": 0.5, "fill": "box", "placement": "original"}
     assert runs.as_run(recorded) == {**recorded, "arch": "seed", "erase_placement": "paper", "translate": 0,
-                                     "erase_p": 0.5, "decay_batchnorm": True}
+                                     "erase_p": 0.5, "decay_batchnorm": True, "ema": 0.0}
     assert set(runs.as_run(recorded)) == set(train.RECIPES["original"])
     assert runs.as_run(train.RECIPES["quick"]) == train.RECIPES["quick"]  # a setting it has is its own
 
@@ -75,6 +75,8 @@ def test_every_setting_has_a_flag_with_its_defaults_in_the_help(capsys):
     (["--batch-size", "0"], "--epochs and --batch-size must be at least 1"),
     (["--weight-decay", "-0.1"], "--weight-decay at least 0"),
     (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and below 1"),
+    (["--ema", "1"], "--ema must be at least 0 and below 1"),
+    (["--ema", "-0.5"], "--ema must be at least 0 and below 1"),
     (["--limit", "5"], "--limit must be between 20"),
     (["--limit", "70000"], "--limit must be between 20"),
     (["--name", "x" * 250], "--name must be 1-64 letters"),
