@@ -27,6 +27,8 @@ import sys
 
 import machine
 
+if __name__ == "__main__":
+    machine.preload_tcmalloc()  # where it is installed: this command again, with tcmalloc (faster on a CPU)
 machine.start_backend()  # KERAS_BACKEND (default tensorflow), without the backend's start-up notices
 
 import keras  # noqa: E402

@@ -13,6 +13,35 @@ import machine
 ROOT = Path(__file__).resolve().parent.parent
 
 
+PRELOAD_PROBE = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import machine
+machine.preload_tcmalloc()
+print(repr(os.environ.get("LD_PRELOAD")), "tcmalloc" in open("/proc/self/maps").read(), sys.argv[2:])
+"""
+
+
+def test_train_py_runs_again_with_tcmalloc_preloaded_unless_ld_preload_is_set(tmp_path):
+    """make setup installs libtcmalloc-minimal4 (apt); a script that asks runs on under it, with its
+    arguments, and an LD_PRELOAD the user set (even empty) is left as it is."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PRELOAD_PROBE)
+    bare = {key: value for key, value in os.environ.items() if key != "LD_PRELOAD"}
+    for env, expected in [(bare, "'libtcmalloc_minimal.so.4' True ['a b', '--c']\n"),
+                          ({**bare, "LD_PRELOAD": ""}, "'' False ['a b', '--c']\n")]:
+        done = subprocess.run([sys.executable, "-u", str(probe), str(ROOT), "a b", "--c"], env=env,
+                              capture_output=True, text=True)
+        assert (done.returncode, done.stdout, done.stderr) == (0, expected, "")
+    assert "machine.preload_tcmalloc()" in (ROOT / "train.py").read_text().split("machine.start_backend()")[0]
+
+
+def test_no_tcmalloc_no_preload(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(os, "execve", lambda *args: pytest.fail(f"ran again: {args}"))
+    assert machine.preload_tcmalloc(find_library=lambda name: None) is None
+
+
 @pytest.mark.parametrize("value", ["torch", "bogus"])
 def test_a_wrong_keras_backend_stops_every_script_with_one_line(value):
     """People set KERAS_BACKEND for other projects: one line naming it, what is installed and the fix."""
