@@ -51,12 +51,15 @@ $(VENV)/.app-installed: $(VENV)/.installed requirements-app.txt
 data: setup system-data
 	$(PY) data.py
 
+# How apt-get can be run, in SUDO: as root directly, else with sudo where it needs no password; "no": not at all.
+find_sudo = if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi
+
 # data.py never calls apt: when no copy is found and apt can be used (root, or sudo without a
 # password), install Debian/Ubuntu's package of the official files here instead.
 system-data:
 	@if [ ! -f data/train-images-idx3-ubyte.gz ] && [ ! -d $(SYSTEM_DATA) ] && [ -z "$$FASHION_MNIST_DIR" ] \
 	    && command -v apt-get >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  $(find_sudo); \
 	  if [ "$$SUDO" != no ]; then \
 	    echo "No Fashion-MNIST copy found: installing dataset-fashion-mnist with apt-get"; \
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
@@ -67,7 +70,7 @@ system-data:
 # installed with apt-get when it is missing and apt can be used, as the data is.
 browser:
 	@if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  $(find_sudo); \
 	  if [ "$$SUDO" != no ]; then \
 	    echo "No chromium found: installing it with apt-get, for the web page's tests"; \
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; \
@@ -79,7 +82,7 @@ browser:
 allocator:
 	@if ! $(PYTHON) -c "import ctypes.util as u, sys; sys.exit(not u.find_library('tcmalloc_minimal'))" \
 	    && command -v apt-get >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  $(find_sudo); \
 	  if [ "$$SUDO" != no ]; then \
 	    echo "No tcmalloc found: installing libtcmalloc-minimal4 with apt-get, for faster CPU training"; \
 	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libtcmalloc-minimal4 >/dev/null; \
