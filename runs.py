@@ -30,6 +30,7 @@ machine.start_backend()
 
 import keras  # noqa: E402
 
+import backend  # noqa: E402
 import data  # noqa: E402
 import callbacks  # noqa: E402
 import distribute  # noqa: E402
@@ -64,7 +65,7 @@ class Run:
                             else self.info["epochs_done"])
         self.info.update(replicas=self.replicas, processes=self.group.processes)
         self.mirrored = args.distribute and keras.backend.backend() == "tensorflow"  # MirroredStrategy
-        machine.set_up_backend(args.seed, self.settings, self.info, devices)
+        backend.set_up_backend(args.seed, self.settings, self.info, devices)
 
     def steps(self, n_images):
         """Steps an epoch over n_images; exits with one line when there are too few for the replicas."""
@@ -92,10 +93,10 @@ class Run:
         """--minutes: time a throwaway build() here, then set the epochs to what fits (process 0's
         timing, in every process of the run)."""
         batch = self.settings["batch_size"] // self.group.processes
-        rates = machine.time_this_machine(build, models.prepare(x_train[:batch]), batch, scope=self.scope,
+        rates = backend.time_this_machine(build, models.prepare(x_train[:batch]), batch, scope=self.scope,
                                           processes=self.group.processes)
         train_rate, predict_rate = distribute.from_process_0([np.array(rates)])[0].tolist()
-        epochs, epoch_seconds = machine.epoch_budget(minutes, train_rate, predict_rate, n_images, n_val, n_test)
+        epochs, epoch_seconds = backend.epoch_budget(minutes, train_rate, predict_rate, n_images, n_val, n_test)
         self.settings["epochs"] = epochs
         self.info["timed"] = {"train_images_per_s": round(train_rate, 1), "epoch_seconds": round(epoch_seconds, 1)}
         print(f"Timed here: {train_rate:.0f} training images/s, about {epoch_seconds:.0f} s an epoch: "

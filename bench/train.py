@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import backend  # noqa: E402
 import data  # noqa: E402
 import machine  # noqa: E402
 import models  # noqa: E402
@@ -39,7 +40,7 @@ SETTINGS = {  # name: (pipeline, batch size, mixed precision: True, False or "au
 def measure(pipeline, batch_size, mixed, x, y, steps):
     """Images per second over `steps` steps, after one untimed epoch of warm-up."""
     keras.backend.clear_session()
-    policy = machine.set_precision(mixed)
+    policy = backend.set_precision(mixed)
     model = models.build_cnn()
     n = steps * batch_size
     if pipeline == "arrays":

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+import backend
 import feed
 import machine
 import models
@@ -104,10 +105,10 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero():
 
 def test_the_epoch_budget_leaves_time_for_the_final_evaluation():
     # 1,000 images/s training, 4,000/s predicting: an epoch of 51,000 + 9,000 is 51 + 2.25 + 1 s.
-    epochs, seconds = machine.epoch_budget(60, 1000, 4000, 51000, 9000, 10000)
+    epochs, seconds = backend.epoch_budget(60, 1000, 4000, 51000, 9000, 10000)
     assert seconds == pytest.approx(54.25)
     assert epochs == int((3600 - 2 * 19000 / 4000) // 54.25) == 66
-    assert machine.epoch_budget(0.01, 1000, 4000, 51000, 9000, 10000)[0] == 1  # never less than one
+    assert backend.epoch_budget(0.01, 1000, 4000, 51000, 9000, 10000)[0] == 1  # never less than one
 
 
 def test_batches_cover_each_epoch_once_seeded_by_seed_and_epoch():
@@ -143,18 +144,18 @@ def test_bfloat16_on_a_cpu_that_emulates_it_is_run_as_asked_with_a_warning(proje
     run("--mixed-precision", "--epochs", "1", *TINY[2:], "--name", "emulated")
     assert info("emulated")["dtype_policy"] == "mixed_bfloat16"
     warnings = [line for line in capsys.readouterr().err.splitlines() if "bfloat16 is emulated" in line]
-    assert warnings == [machine.bf16_warning(resuming=False)] and "leave out --mixed-precision" in warnings[0]
+    assert warnings == [backend.bf16_warning(resuming=False)] and "leave out --mixed-precision" in warnings[0]
     run("--resume", "--epochs", "2", "--name", "emulated")
     warnings = [line for line in capsys.readouterr().err.splitlines() if "bfloat16 is emulated" in line]
-    assert warnings == [machine.bf16_warning(resuming=True)] and "continue it on a CPU with" in warnings[0]
-    assert machine.set_precision("auto") == "float32"
+    assert warnings == [backend.bf16_warning(resuming=True)] and "continue it on a CPU with" in warnings[0]
+    assert backend.set_precision("auto") == "float32"
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    assert machine.set_precision("auto") == "mixed_bfloat16"
+    assert backend.set_precision("auto") == "mixed_bfloat16"
 
 
 def test_all_data_and_minutes(project, monkeypatch):
     # The timing probe's size is not what is tested here: 2 steps instead of 8.
-    monkeypatch.setattr(machine, "time_this_machine", functools.partial(machine.time_this_machine, probe_steps=2))
+    monkeypatch.setattr(backend, "time_this_machine", functools.partial(backend.time_this_machine, probe_steps=2))
     run("--recipe", "fast", "--all-data", "--minutes", "0.05", *TINY[2:], "--name", "everything")
     record = info("everything")
     assert record["all_data"] is True and record["val_accuracy"] is None and "best_epoch" not in record
