@@ -13,6 +13,7 @@ import time
 
 import machine
 
+
 def set_precision(mixed):
     """Set Keras's global dtype policy: float32, or mixed bfloat16 (CPU) / float16 (GPU).
 
@@ -64,6 +65,7 @@ def set_up_backend(seed, settings, run_info, devices=None):
               f"or machine'", file=sys.stderr)
     if len(gpus) > 1 and not devices:
         print(f"This run trains on one of the {len(gpus)} GPUs; --distribute trains on all of them")
+
 
 # ---- This machine's pace, for --minutes ----
 
