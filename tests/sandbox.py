@@ -40,12 +40,12 @@ machine.run(lambda: train.main(sys.argv[1:]))  # as train.py runs its main
 """
 
 
-def make(folder, scripts=("callbacks.py", "data.py", "distribute.py", "erasing.py", "feed.py", "machine.py",
-                         "models.py", "runs.py", "test.py", "train.py")):
-    """The copy in `folder` (made here), with run_train.py beside the scripts."""
+def make(folder, extra=()):
+    """The copy in `folder` (made here): every top-level script (so a new module needs no list kept up to
+    date here), the `extra` paths (such as "bench/seeds.py"), and run_train.py beside them."""
     data.get_data("train"), data.get_data("t10k")
     folder.mkdir(parents=True, exist_ok=True)
-    for script in scripts:
+    for script in sorted(path.name for path in ROOT.glob("*.py")) + list(extra):
         (folder / script).parent.mkdir(exist_ok=True)
         (folder / script).write_bytes((ROOT / script).read_bytes())
     (folder / "run_train.py").write_text(RUNNER)

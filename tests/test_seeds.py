@@ -12,8 +12,7 @@ import pytest
 import machine
 import sandbox
 
-SCRIPTS = ("callbacks.py", "data.py", "distribute.py", "erasing.py", "feed.py", "machine.py", "models.py",
-           "runs.py", "test.py", "train.py", "bench/seeds.py")
+BENCH = ("bench/seeds.py",)
 # Every process in the copy (the benchmark and its train.py runs) sees the first 200 test images only.
 CUT_TEST_SET = """
 import data
@@ -25,7 +24,7 @@ TINY_RUN = ["--", "--arch", "small", "--epochs", "1", "--limit", "300", "--batch
 
 @pytest.fixture(scope="module")
 def copy(tmp_path_factory):
-    folder = sandbox.make(tmp_path_factory.mktemp("seeds"), scripts=SCRIPTS)
+    folder = sandbox.make(tmp_path_factory.mktemp("seeds"), extra=BENCH)
     (folder / "sitecustomize.py").write_text(CUT_TEST_SET)
     return folder
 
@@ -96,7 +95,7 @@ def test_nonsense_is_refused_before_any_run(copy, argv, message):
 
 
 def test_time_to_accuracy_reads_the_runs_records_and_refuses_runs_without_them(tmp_path):
-    folder = sandbox.make(tmp_path / "copy", scripts=SCRIPTS + ("bench/time_to_accuracy.py",))
+    folder = sandbox.make(tmp_path / "copy", extra=BENCH + ("bench/time_to_accuracy.py",))
     (folder / "models").mkdir()
     # a run of 4 epochs of 4 minutes each, and one trained on all the data (no validation)
     for name, accuracy in (("mine", ["0.90", "0.93", "0.95", "0.94"]), ("everything", ["NA"] * 4)):
