@@ -85,7 +85,7 @@ RECIPES = {
 RECIPES["quick_mid"] = dict(RECIPES["quick"], arch="mid", epochs=32)
 # The quick recipe with the `wide` network (twice quick's widths: 4x its FLOPs), 40 epochs, and Random
 # Erasing on half the images: about an hour on 2 CPU cores with bfloat16 (AMD EPYC Zen 4: ~80 s an
-# epoch). Seed 1 of it is models/pilot_wide40 (validation 95.33 %, test 94.82 %); README, Results, has the seeds.
+# epoch). Seed 1 of it is models/pilot_wide40 (validation 95.33 %, test 94.82 %); NOTEBOOK.md has the seeds.
 RECIPES["quick_wide"] = dict(RECIPES["quick"], arch="wide", epochs=40, erase_p=0.5)
 # Issue 37's first strong recipe: quick_wide for twice the epochs (80), the one lever changed, so its
 # gain over quick_wide is the longer schedule's. About two hours on 2 CPU cores with bfloat16 (AMD EPYC
