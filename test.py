@@ -5,6 +5,7 @@
     python test.py best --tta       # also with test-time augmentation (image + its mirror image)
     python test.py fast --calibrate # fit a temperature on fast's validation split, store it in fast.json
     python test.py full_1 full_2    # each model, then the ensemble of their averaged probabilities
+                                    # (and its validation accuracy, when the members share a split)
 
 Prints Test accuracy, Test loss, ECE (expected calibration error) and NLL; when
 the model's JSON holds a temperature (from --calibrate), the calibrated
@@ -18,7 +19,10 @@ Modern Neural Networks"): one number T, the probabilities become
 softmax(log(p) / T); T is fitted on the model's validation split (the last
 15 % of the training file, as train.py held it out), never on the test set.
 A model trained with --all-data has no held-out images: it borrows the
-temperature of the same recipe's validation run.
+temperature of the same recipe's validation run. With several models,
+--calibrate also fits one temperature for their ensemble on the validation
+split the members share; it is printed beside the ensemble's figures, not
+stored (an ensemble has no JSON).
 """
 
 import argparse
@@ -298,6 +302,19 @@ def plot_history(csv_path, png_path, show=False):
     plt.close(fig)
 
 
+def shared_validation(loaded):
+    """(the members' mean probabilities on the validation split they all held out, its labels), for
+    choosing and calibrating an ensemble on validation; None when they share none: a member trained
+    with --all-data or not by train.py (no recipe in its JSON), or members of different --limit."""
+    infos = [models.read_info(name) for name, _ in loaded]
+    if any(info.get("all_data") or "recipe" not in info for info in infos):
+        return None
+    if len({info.get("limit") for info in infos}) > 1:
+        return None
+    x_val, y_val = validation_split(infos[0])
+    return np.mean([models.predict(model, x_val) for _, model in loaded], axis=0), y_val
+
+
 def plots_folder(names, plots_dir):
     """--plots-dir, else screenshots/ for the shipped model and screenshots/NAME/ for any other."""
     if plots_dir is not None:
@@ -314,6 +331,37 @@ def check_writable(folder):
     with tempfile.TemporaryFile(dir=folder):
         pass
     return created
+
+
+def ensemble_report(names, results, tta, validation, calibrate, y_test):
+    """The ensemble of the models in `results` (the mean of their probabilities): its validation accuracy
+    where the members share a validation split (`validation`, from shared_validation), with --calibrate
+    a temperature fitted there, then its test figures (with --tta, those of the members' TTA too).
+    Appends the ensemble to `results`."""
+    label = "ensemble of " + " + ".join(names)
+    probabilities = np.mean([p for _, p, _ in results], axis=0)
+    calibrated = None
+    if validation is None:
+        print(f"Model: {label}: the members share no validation split (one was trained with --all-data, or "
+              f"not by train.py, or with another --limit), so the ensemble is reported on test only")
+    else:
+        val_probabilities, y_val = validation
+        accuracy, loss = models.scores(val_probabilities, y_val)
+        print(f"Model: {label}: validation accuracy {accuracy:.4f}, loss {loss:.4f} ({len(y_val)} images, "
+              f"the validation split its members share)")
+        if calibrate:
+            temperature = fit_temperature(val_probabilities, y_val)
+            calibrated = models.calibrate(probabilities, temperature)
+            print(f"Model: {label}: temperature {temperature:.4f} fitted on that validation split: ECE "
+                  f"{expected_calibration_error(val_probabilities, y_val):.4f} -> "
+                  f"{expected_calibration_error(models.calibrate(val_probabilities, temperature), y_val):.4f}")
+    results.append((label, probabilities, calibrated))
+    report(f"Model: {label}", probabilities, y_test)
+    if calibrated is not None:
+        report(f"Model: {label} calibrated (temperature {temperature:.4f}, fitted on the members' validation "
+               f"split)", calibrated, y_test)
+    if tta:
+        report(f"Model: {label} with TTA (mean of the members' TTA probabilities)", np.mean(tta, axis=0), y_test)
 
 
 def main(argv=None):
@@ -361,6 +409,7 @@ def main(argv=None):
             for name, model in loaded:
                 fit_and_store(name, model, args.calibrate_from and models.model_name(args.calibrate_from),
                               args.as_saved)
+        ensemble_val = shared_validation(loaded) if len(loaded) > 1 else None
         x_test, y_test = data.load_data("t10k")  # only now: nothing above sees the test set
     except (data.DataError, models.ModelError, CalibrationError) as e:
         for folder in created:  # leave no empty plots folder behind
@@ -370,6 +419,7 @@ def main(argv=None):
     class_names = data.get_labels()
 
     results = []  # (label, probabilities, calibrated probabilities or None)
+    tta = []  # with --tta: each model's test probabilities with TTA
     for name, model in loaded:
         probabilities = models.predict(model, x_test)
         info = models.read_info(name)
@@ -387,13 +437,12 @@ def main(argv=None):
             report(f"Model: {name} calibrated (temperature {temperature:.4f}, fitted on {source}'s validation split)",
                    calibrated, y_test)
         if args.tta:  # test-time augmentation: the mean of each image's and its mirror image's probabilities
-            mirrored = models.predict(model, x_test[:, :, ::-1])
-            report(f"Model: {name} with TTA (mean of image and mirror image)", (probabilities + mirrored) / 2, y_test)
+            mirrored = (probabilities + models.predict(model, x_test[:, :, ::-1])) / 2
+            report(f"Model: {name} with TTA (mean of image and mirror image)", mirrored, y_test)
+            tta.append(mirrored)
         results.append((name, probabilities, calibrated))
     if len(results) > 1:
-        probabilities = np.mean([p for _, p, _ in results], axis=0)
-        results.append(("ensemble of " + " + ".join(names), probabilities, None))
-        report(f"Model: {results[-1][0]}", probabilities, y_test)
+        ensemble_report(names, results, tta, ensemble_val, args.calibrate, y_test)
 
     label, probabilities, calibrated = results[-1]
     predictions = probabilities.argmax(axis=1)
@@ -409,6 +458,7 @@ def main(argv=None):
     print(f"Plots: {', '.join(map(str, paths))}")
     if args.show:
         plt.show()
+    plt.close("all")  # main() may run again in one process (the tests)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,39 @@ def test_an_unknown_model_is_one_line_and_leaves_no_empty_plots_folder(project):
         test_script.main(["nope"])
     assert str(exit_info.value).startswith("error: no model named 'nope'")
     assert not (folder / "screenshots" / "nope").exists()
+
+
+def test_an_ensemble_is_reported_on_the_validation_split_its_members_share_before_the_test_set(project, capsys):
+    folder, model, splits, reads = project
+    keras.utils.set_random_seed(1)
+    other = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    other.save(folder / "models" / "other.h5")
+    models.write_json(folder / "models" / "other.json", {"recipe": "tiny", "settings": {"epochs": 1}, "seed": 2,
+                                                         "limit": N_TRAIN})
+    test_script.main(["mine", "other", "--calibrate", "--tta"])
+    assert reads == ["train", "train", "train", "t10k"]  # two members' temperatures, the ensemble's split; then test
+
+    x_train, y_train = splits["train"]
+    _, (x_val, y_val) = data.split_data(x_train[:N_TRAIN], y_train[:N_TRAIN])
+    mean = (models.predict(model, x_val) + models.predict(other, x_val)) / 2
+    temperature = test_script.fit_temperature(mean, y_val)
+    out = capsys.readouterr().out
+    assert (f"Model: ensemble of mine + other: validation accuracy {models.scores(mean, y_val)[0]:.4f}, "
+            f"loss {models.scores(mean, y_val)[1]:.4f} (60 images" in out)
+    assert f"Model: ensemble of mine + other calibrated (temperature {temperature:.4f}" in out
+    assert "Model: ensemble of mine + other with TTA" in out
+    x_test, y_test = splits["t10k"]
+    expected = (models.predict(model, x_test) + models.predict(other, x_test)) / 2
+    ensemble = out[out.index("Model: ensemble of mine + other\n"):]
+    assert ensemble.splitlines()[1] == f"Test accuracy: {models.scores(expected, y_test)[0]:.4f}"
+    # 3 models x (plain, calibrated, TTA) test reports
+    assert out.count("Test accuracy:") == 9
+    assert not list((folder / "models").glob("*ensemble*"))  # the ensemble's temperature is printed, not stored
+
+    # A member trained on all the images holds no validation split out: test figures only, said so.
+    models.write_json(folder / "models" / "other.json", {"recipe": "tiny", "settings": {"epochs": 1}, "all_data": True})
+    test_script.main(["mine", "other"])
+    out = capsys.readouterr().out
+    assert "the members share no validation split" in out and "validation accuracy" not in out
+    assert "Model: ensemble of mine + other\nTest accuracy:" in out
