@@ -101,6 +101,12 @@ def validation_split(info):
     return x_val, y_val
 
 
+def has_validation_split(info):
+    """Whether train.py held a validation split out of this model's training images (its JSON has a
+    recipe, and no --all-data)."""
+    return "recipe" in info and not info.get("all_data")
+
+
 def recipe_sibling(name, info):
     """The model in models/ trained with the same recipe and settings, but with a validation split."""
 
@@ -168,7 +174,7 @@ def record_figures(name, model, test_probabilities, y_test):
         info["as_trained"] = {key: info.get(key) for key in ("val_accuracy", "val_loss", "test_accuracy",
                                                              "test_loss", "dtype_policy", "device")}
     val = (None, None)
-    if not info.get("all_data") and "recipe" in info:
+    if has_validation_split(info):
         x_val, y_val = validation_split(info)
         val = models.scores(models.predict(model, x_val), y_val)
     test = models.scores(test_probabilities, y_test)
@@ -307,9 +313,7 @@ def shared_validation(loaded):
     choosing and calibrating an ensemble on validation; None when they share none: a member trained
     with --all-data or not by train.py (no recipe in its JSON), or members of different --limit."""
     infos = [models.read_info(name) for name, _ in loaded]
-    if any(info.get("all_data") or "recipe" not in info for info in infos):
-        return None
-    if len({info.get("limit") for info in infos}) > 1:
+    if not all(map(has_validation_split, infos)) or len({info.get("limit") for info in infos}) > 1:
         return None
     x_val, y_val = validation_split(infos[0])
     return np.mean([models.predict(model, x_val) for _, model in loaded], axis=0), y_val
@@ -437,9 +441,9 @@ def main(argv=None):
             report(f"Model: {name} calibrated (temperature {temperature:.4f}, fitted on {source}'s validation split)",
                    calibrated, y_test)
         if args.tta:  # test-time augmentation: the mean of each image's and its mirror image's probabilities
-            mirrored = (probabilities + models.predict(model, x_test[:, :, ::-1])) / 2
-            report(f"Model: {name} with TTA (mean of image and mirror image)", mirrored, y_test)
-            tta.append(mirrored)
+            with_tta = (probabilities + models.predict(model, x_test[:, :, ::-1])) / 2
+            report(f"Model: {name} with TTA (mean of image and mirror image)", with_tta, y_test)
+            tta.append(with_tta)
         results.append((name, probabilities, calibrated))
     if len(results) > 1:
         ensemble_report(names, results, tta, ensemble_val, args.calibrate, y_test)
