@@ -88,8 +88,8 @@ RECIPES["quick_mid"] = dict(RECIPES["quick"], arch="mid", epochs=32)
 # epoch). Seed 1 of it is models/pilot_wide40 (validation 95.33 %, test 94.82 %); NOTEBOOK.md has the seeds.
 RECIPES["quick_wide"] = dict(RECIPES["quick"], arch="wide", epochs=40, erase_p=0.5)
 # Issue 37's first strong recipe: quick_wide for twice the epochs (80), the one lever changed, so its
-# gain over quick_wide is the longer schedule's. About two hours on 2 CPU cores with bfloat16 (AMD EPYC
-# Zen 4: ~85 s an epoch).
+# gain over quick_wide is the longer schedule's. About 80 minutes on 2 CPU cores with bfloat16 (AMD EPYC
+# Zen 4: 51-61 s an epoch; seed 1 took 78.8 minutes, NOTEBOOK.md, "The strong recipe").
 RECIPES["strong"] = dict(RECIPES["quick_wide"], epochs=80)
 
 CHOICES = {"arch": tuple(models.ARCHITECTURES), "optimizer": ("adam", "sgd"), "schedule": ("constant", "cosine"), "dropout": tuple(models.DROPOUT_PRESETS),
